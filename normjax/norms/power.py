@@ -31,6 +31,7 @@ from jax import lax
 
 from normjax.norms._util import Array, affine, check_choice, expand_param, masked_mean, stat_dtype
 from normjax.norms.batch import _feature_mask
+from normjax.treeutil import path_names
 
 BACKWARDS = ("paper", "code")
 
@@ -134,9 +135,7 @@ def power_norm_update_nu(state: Any, state_grads: Any) -> Any:
   leaves whose key is ``nu`` change, so a whole model's norm state can be passed at once.
   """
   def update(path, value, grad):
-    names = [getattr(key, "key", getattr(key, "name", None)) for key in path]
-    if names and names[-1] == "value":  # flax.nnx Variables add a trailing .value
-      names.pop()
+    names = path_names(path)
     return value + grad.astype(value.dtype) if names and names[-1] == "nu" else value
   return jax.tree_util.tree_map_with_path(update, state, state_grads)
 

@@ -1,0 +1,171 @@
+"""Exact conversion Pre-LN -> Pre-RMSNorm -> Pre-CRMSNorm (Jiang et al., NeurIPS 2023, arXiv:2305.14858).
+
+``to_rms(model)`` takes a LLaMA or ViT with LayerNorm in the ``pre`` (or ``lns``) placement and a
+final norm, and returns a model with affine-free RMSNorm computing the same logits:
+
+1. fold each norm's gain and bias into the dense layers that read its output (q, k, v; gate and up
+   or fc1; the head for the final norm): ``W <- diag(g) W``, ``b <- b + beta W`` (Flax ``[in, out]``);
+2. re-centre everything that writes to the residual stream (token embedding rows; ViT patch
+   embedding, positions and class token; attention ``o`` and MLP ``down``/``fc2``): subtract the mean
+   over the OUTPUT axis from kernels and biases, so the stream has zero mean in every token and
+   ``LayerNorm(x) == RMSNorm(x)`` with the same eps.
+
+``to_crms(model)`` then stores only d-1 coordinates of the zero-mean stream: writers keep their
+first d-1 output features and readers use ``W[:d-1] - W[d-1]`` (the dropped coordinate is minus the
+sum of the others); the norm becomes ``crms_norm``. Tied embeddings are untied (the head absorbs the
+final norm's gain), and reader biases are added when the LayerNorm had a bias.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from normjax import models, norms
+from normjax.models.config import ModelConfig, NormConfig
+
+READERS = {"llama": {"attn": ("q", "k", "v"), "mlp": ("gate", "up")},
+           "vit": {"attn": ("q", "k", "v"), "mlp": ("fc1",)}}
+WRITERS = {"llama": ("o", "down"), "vit": ("o", "fc2")}
+CONVERTIBLE_PLACEMENTS = ("pre", "lns")
+
+
+def params_of(model: nnx.Module) -> dict[str, Any]:
+  """The model's parameters as a plain nested dict of arrays."""
+  return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+def with_params(cfg: ModelConfig, params: dict[str, Any]) -> nnx.Module:
+  """A model of ``cfg`` holding ``params``; dense biases absent from ``params`` become zeros."""
+  model = models.build(cfg)
+  state = nnx.state(model, nnx.Param)
+  fresh = nnx.to_pure_dict(state)
+
+  def pick(path, value):
+    keys = [k.key for k in path]
+    node = params
+    for key in keys:
+      if not isinstance(node, dict) or key not in node:
+        if keys[-1] == "bias":
+          return jnp.zeros_like(value)
+        raise ValueError(f"converted parameters lack {'/'.join(map(str, keys))}")
+      node = node[key]
+    return jnp.asarray(node, value.dtype)
+
+  nnx.replace_by_pure_dict(state, jax.tree_util.tree_map_with_path(pick, fresh))
+  nnx.update(model, state)
+  return model
+
+
+def _check_source(cfg: ModelConfig, kind: str) -> None:
+  if norms.get(cfg.norm.kind).name != kind:
+    raise ValueError(f"model.norm.kind={cfg.norm.kind!r}: this conversion starts from {kind!r}")
+  if cfg.placement.kind not in CONVERTIBLE_PLACEMENTS:
+    raise ValueError(f"model.placement.kind={cfg.placement.kind!r}: the conversion is exact only for "
+                     f"{list(CONVERTIBLE_PLACEMENTS)}")
+  if not cfg.placement.final_norm or cfg.placement.embed_norm:
+    raise ValueError("the conversion needs model.placement.final_norm=True and embed_norm=False")
+
+
+def _fold(norm: dict[str, Any], dense: dict[str, Any]) -> dict[str, Any]:
+  """``dense(gain * x + beta)`` as one dense layer; kernels may carry a leading layer axis."""
+  kernel = dense["kernel"]
+  gain = norm.get("scale", jnp.ones(kernel.shape[:-1], kernel.dtype))
+  out = {"kernel": gain[..., :, None] * kernel}
+  bias = dense.get("bias", jnp.zeros(kernel.shape[:-2] + kernel.shape[-1:], kernel.dtype))
+  if "bias" in norm:
+    bias = bias + jnp.einsum("...i,...io->...o", norm["bias"], kernel)
+  if "bias" in dense or "bias" in norm:
+    out["bias"] = bias
+  return out
+
+
+def _centre(value: jax.Array) -> jax.Array:
+  return value - jnp.mean(value, axis=-1, keepdims=True)
+
+
+def _centre_dense(dense: dict[str, Any]) -> dict[str, Any]:
+  return {name: _centre(value) for name, value in dense.items()}
+
+
+def to_rms(model: nnx.Module) -> nnx.Module:
+  """Pre-LN model -> Pre-RMSNorm model with identical logits (see the module docstring)."""
+  cfg = model.cfg
+  _check_source(cfg, "layer_norm")
+  p = params_of(model)
+  blocks = dict(p["stack"]["blocks"])
+  for sublayer, readers in READERS[cfg.name].items():
+    norm = blocks.pop(f"{sublayer}_norm_in", {})
+    blocks[sublayer] = {**blocks[sublayer],
+                        **{name: _fold(norm, blocks[sublayer][name]) for name in readers}}
+  for name in WRITERS[cfg.name]:
+    sublayer = "attn" if name == "o" else "mlp"
+    blocks[sublayer] = {**blocks[sublayer], name: _centre_dense(blocks[sublayer][name])}
+  out = {"stack": {"blocks": blocks}}
+  final = p.get("final_norm", {})
+  if cfg.name == "llama":
+    head = p["head"] if "head" in p else {"kernel": p["embed"].T}
+    out["embed"] = _centre(p["embed"])
+  else:
+    head = p["head"]
+    out["patch_embed"] = _centre_dense(p["patch_embed"])
+    out["position"] = _centre(p["position"])
+    if "cls" in p:
+      out["cls"] = _centre(p["cls"])
+  out["head"] = _fold(final, head)
+  ln = norms.get("layer_norm").options(**cfg.norm.options)
+  # a LayerNorm bias folds into reader biases, so the converted model needs dense biases
+  target = cfg.replace(norm=NormConfig("rms_norm", {"eps": ln["eps"], "use_scale": False,
+                                                    "use_bias": False}),
+                       tie_embeddings=False, dense_bias=cfg.use_bias or ln["use_bias"])
+  return with_params(target, out)
+
+
+def _compress_reader(dense: dict[str, Any]) -> dict[str, Any]:
+  kernel = dense["kernel"]
+  out = {"kernel": kernel[..., :-1, :] - kernel[..., -1:, :]}
+  if "bias" in dense:
+    out["bias"] = dense["bias"]
+  return out
+
+
+def _compress_writer(dense: dict[str, Any]) -> dict[str, Any]:
+  return {name: value[..., :-1] for name, value in dense.items()}
+
+
+def to_crms(model: nnx.Module, *, atol: float = 1e-5) -> nnx.Module:
+  """Pre-RMSNorm model with a zero-mean stream (from ``to_rms``) -> Pre-CRMSNorm on d-1 coordinates."""
+  cfg = model.cfg
+  _check_source(cfg, "rms_norm")
+  options = norms.get("rms_norm").options(**cfg.norm.options)
+  if options["use_scale"] or options["use_bias"]:
+    raise ValueError("to_crms needs affine-free RMSNorm (fold gains first: use to_rms)")
+  p = params_of(model)
+  writer_kernels = [p["stack"]["blocks"]["attn"]["o"]["kernel"]]
+  writer_kernels.append(p["embed"] if cfg.name == "llama" else p["patch_embed"]["kernel"])
+  worst = max(float(jnp.max(jnp.abs(jnp.mean(k, -1)))) for k in writer_kernels)
+  if worst > atol:
+    raise ValueError(f"the residual writers are not zero-mean (max |mean| {worst:.2e}); "
+                     "convert a LayerNorm model with to_rms first")
+  blocks = {key: dict(value) if isinstance(value, dict) else value
+            for key, value in p["stack"]["blocks"].items()}
+  for sublayer, readers in READERS[cfg.name].items():
+    for name in readers:
+      blocks[sublayer][name] = _compress_reader(blocks[sublayer][name])
+  for name in WRITERS[cfg.name]:
+    sublayer = "attn" if name == "o" else "mlp"
+    blocks[sublayer][name] = _compress_writer(blocks[sublayer][name])
+  out = {"stack": {"blocks": blocks}, "head": _compress_reader(p["head"])}
+  if cfg.name == "llama":
+    out["embed"] = p["embed"][:, :-1]
+  else:
+    out["patch_embed"] = _compress_writer(p["patch_embed"])
+    out["position"] = p["position"][:, :-1]
+    if "cls" in p:
+      out["cls"] = p["cls"][:-1]
+  target = cfg.replace(compressed=True, norm=NormConfig(
+      "crms_norm", {"eps": options["eps"], "use_scale": False, "use_bias": False}))
+  return with_params(target, out)

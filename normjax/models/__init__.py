@@ -1,0 +1,17 @@
+"""LLaMA and ViT in Flax NNX, with every norm kind and placement as a config switch."""
+
+from normjax.models.config import InitConfig, ModelConfig, NormConfig, PlacementConfig
+from normjax.models.llama import Llama
+from normjax.models.vit import ViT
+
+MODELS = {"llama": Llama, "vit": ViT}
+
+
+def build(cfg: ModelConfig, *, seed: int = 0):
+  """The model named by ``cfg.name``, initialized from ``seed``."""
+  from flax import nnx
+  cfg.validate()
+  return MODELS[cfg.name](cfg, rngs=nnx.Rngs(seed))
+
+
+__all__ = ["InitConfig", "ModelConfig", "NormConfig", "PlacementConfig", "Llama", "ViT", "MODELS", "build"]

@@ -1,0 +1,111 @@
+"""The one transformer block shared by LLaMA and ViT, and the stack that runs it over depth.
+
+``Block`` = attention sublayer then MLP sublayer, each wrapped by the configured placement
+(``normjax.placements``). ``Stack`` creates the L blocks stacked along a leading ``layers`` axis
+(``nnx.vmap``) and runs them either under ``nnx.scan`` (the 1-based layer index is a scanned
+input, so depth-dependent placements work) or in a Python loop with static layer indices. Both
+paths read the same stacked parameters, so scanned and unrolled models are interchangeable.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from normjax import norms, placements, variance
+from normjax.models.config import REMAT_POLICIES, ModelConfig
+from normjax.models.layers import Attention, Mlp, activation_norm, call_norm
+
+Array = jax.Array
+ROLES = {"llama": ("q", "k", "v", "o", "gate", "up", "down"), "vit": ("q", "k", "v", "o", "fc1", "fc2")}
+
+
+class Block(nnx.Module):
+  """Attention and MLP sublayers under one placement; ``[B, T, w] -> [B, T, w]`` plus statistics."""
+
+  def __init__(self, cfg: ModelConfig, layer: Any, rngs: nnx.Rngs):
+    stds = {role: cfg.init.std * variance.init_factor(cfg.init.scheme, role, layer, cfg.num_layers)
+            for role in ROLES[cfg.name]}
+    spec = norms.get(cfg.norm.kind)
+    weight_norm = spec.name if spec.acts_on == "weights" else None
+    self.attn = Attention(cfg, stds, rngs, weight_norm)
+    self.mlp = Mlp(cfg, stds, rngs, weight_norm)
+    placement = placements.get(cfg.placement.kind)
+    for sublayer in ("attn", "mlp"):
+      for slot in placement.norm_slots:
+        setattr(self, f"{sublayer}_norm_{slot}", activation_norm(cfg, rngs))
+    self.placement_kind = placement.name
+    self.norm_slots = placement.norm_slots
+
+  def __call__(self, x: Array, ctx: placements.Context, *, train: bool = False
+               ) -> tuple[Array, dict[str, Array]]:
+    placement = placements.get(self.placement_kind)
+    stats = {}
+    for sublayer, module in (("attn", self.attn), ("mlp", self.mlp)):
+      slot_norms = {slot: self._norm_fn(getattr(self, f"{sublayer}_norm_{slot}"), train)
+                    for slot in self.norm_slots}
+      branch = lambda h, module=module: module(h, train=train, collect_stats=ctx.collect_stats)
+      x, sub_stats = placement.apply(x, branch, slot_norms, ctx)
+      stats.update({f"{sublayer}/{name}": value for name, value in sub_stats.items()})
+    return x, stats
+
+  @staticmethod
+  def _norm_fn(norm: Any, train: bool):
+    return lambda h, out_scale=None: call_norm(norm, h, train=train, out_scale=out_scale)
+
+
+class Stack(nnx.Module):
+  """L blocks stacked on a leading ``layers`` axis; ``[B, T, w] -> ([B, T, w], stats of [L])``."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    @nnx.split_rngs(splits=cfg.num_layers)
+    @nnx.vmap(in_axes=(0, 0), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def make(rngs: nnx.Rngs, layer: Array) -> Block:
+      return Block(cfg, layer, rngs)
+
+    self.blocks = make(rngs, jnp.arange(1, cfg.num_layers + 1, dtype=jnp.float32))
+    self.cfg = cfg
+
+  def __call__(self, x: Array, *, train: bool = False, collect_stats: bool = False,
+               skip_layer: Any = None, summarize: Any = None) -> tuple[Array, dict[str, Array]]:
+    """Runs every block. ``skip_layer`` (1-based, may be traced) replaces that block by the identity.
+
+    With ``collect_stats`` the stats hold an ``[L]`` array per sublayer statistic
+    (``attn/resid_var``, ``mlp/branch_rms``, ...) and ``hidden``: ``summarize(block output)`` per
+    layer, ``[L, B, w]`` (the model picks the token: last for LLaMA, class token or mean for ViT).
+    """
+    cfg = self.cfg
+    ctx_kwargs = dict(num_layers=cfg.num_layers, collect_stats=collect_stats,
+                      mix_alpha=cfg.placement.mix_alpha, deepnorm_alpha=cfg.placement.deepnorm_alpha)
+
+    def body(x, block, layer):
+      y, stats = block(x, placements.Context(layer=layer, **ctx_kwargs), train=train)
+      if skip_layer is not None:
+        y = jnp.where(jnp.asarray(layer) == skip_layer, x, y)
+      if collect_stats:
+        stats["hidden"] = summarize(y).astype(jnp.float32)
+      return y, stats
+
+    policy = REMAT_POLICIES[cfg.remat]
+    if cfg.remat != "none":
+      body = nnx.remat(body, policy=policy, static_argnums=(2,) if not cfg.scan_layers else ())
+    if cfg.scan_layers:
+      scan = nnx.scan(body, in_axes=(nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0))
+      return scan(x, self.blocks, jnp.arange(1, cfg.num_layers + 1))
+    return self._unrolled(body, x)
+
+  def _unrolled(self, body, x):
+    """A Python loop over the stacked blocks with static 1-based layer indices."""
+    graphdef, state = nnx.split(self.blocks)
+    per_layer_stats, new_states = [], []
+    for index in range(self.cfg.num_layers):
+      block = nnx.merge(graphdef, jax.tree.map(lambda a: a[index], state))
+      x, stats = body(x, block, index + 1)
+      per_layer_stats.append(stats)
+      new_states.append(nnx.state(block))
+    nnx.update(self.blocks, jax.tree.map(lambda *a: jnp.stack(a), *new_states))
+    stacked = jax.tree.map(lambda *a: jnp.stack(a), *per_layer_stats) if per_layer_stats[0] else {}
+    return x, stacked

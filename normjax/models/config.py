@@ -1,0 +1,172 @@
+"""``ModelConfig``: every architectural switch of the LLaMA and ViT models, validated before any JAX work.
+
+The training loop builds it from the ``model`` section of an ml_collections config
+(``ModelConfig.from_dict(config.model.to_dict())``); tests and notebooks build it directly.
+``validate()`` rejects bad values with the field, the value and the valid choices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+
+from normjax import norms
+
+MODEL_NAMES = ("llama", "vit")
+DTYPES = ("float32", "bfloat16")
+REMAT_POLICIES = {
+    "none": None,  # no rematerialization
+    "full": jax.checkpoint_policies.nothing_saveable,  # recompute everything in the backward
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep matmul outputs
+}
+POOLS = ("cls", "mean")
+# Norms whose statistics mix positions of a sequence: in a causal decoder they leak future tokens.
+BATCH_STAT_NORMS = ("batch_norm", "batch_channel_norm", "power_norm", "evonorm_b0")
+
+
+@dataclasses.dataclass(frozen=True)
+class NormConfig:
+  kind: str = "rms_norm"  # registry name or alias (normjax.norms.names())
+  options: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # the kind's options (eps, ...)
+
+
+@dataclasses.dataclass(frozen=True)
+class PlacementConfig:
+  kind: str = "pre"  # normjax.placements.names()
+  final_norm: bool = True  # a norm after the last block (the papers always keep it)
+  embed_norm: bool = False  # peri: normalize the embedding output too (open question in the paper)
+  mix_alpha: float = 0.25  # mix: the first floor(alpha * L) blocks are Post-LN
+  deepnorm_alpha: float | None = None  # deepnorm residual gain; None = decoder-only (2L)^(1/4)
+
+
+@dataclasses.dataclass(frozen=True)
+class InitConfig:
+  scheme: str = "normal"  # normjax.variance.init_schemes(): normal, lir, scaled, deepnorm
+  std: float = 0.02  # sigma of every normal initializer before the scheme's per-layer factor
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  name: str = "llama"  # "llama" (causal decoder) or "vit" (image classifier)
+  num_layers: int = 4  # L, number of blocks
+  d_model: int = 128  # residual width d
+  num_heads: int = 4  # attention heads; must divide d_model
+  num_kv_heads: int | None = None  # grouped-query heads (llama); None = num_heads
+  mlp_dim: int | None = None  # hidden width; None = 4d (vit) or 8d/3 rounded up to 16 (llama SwiGLU)
+  vocab_size: int = 256  # llama: byte-level by default
+  rope_theta: float = 10_000.0  # llama rotary embedding base
+  tie_embeddings: bool = False  # llama: head reuses the token embedding
+  dense_bias: bool | None = None  # biases on dense layers; None = False (llama) / True (vit)
+  image_size: int = 28  # vit: square images
+  patch_size: int = 4  # vit: patch side; must divide image_size
+  channels: int = 1  # vit: image channels
+  num_classes: int = 10  # vit: classes
+  pool: str = "cls"  # vit: "cls" token or "mean" of patch tokens
+  compressed: bool = False  # residual stream stores d-1 coordinates (Pre-CRMSNorm models)
+  norm: NormConfig = NormConfig()
+  placement: PlacementConfig = PlacementConfig()
+  init: InitConfig = InitConfig()
+  dtype: str = "float32"  # compute dtype
+  param_dtype: str = "float32"  # parameter storage dtype
+  scan_layers: bool = True  # nnx.scan over depth (False: a Python loop with static layer indices)
+  remat: str = "none"  # rematerialization policy per block: none, full, dots
+
+  @property
+  def head_dim(self) -> int:
+    return self.d_model // self.num_heads
+
+  @property
+  def kv_heads(self) -> int:
+    return self.num_kv_heads or self.num_heads
+
+  @property
+  def hidden_dim(self) -> int:
+    if self.mlp_dim:
+      return self.mlp_dim
+    if self.name == "vit":
+      return 4 * self.d_model
+    return -(-(8 * self.d_model // 3) // 16) * 16
+
+  @property
+  def use_bias(self) -> bool:
+    return self.name == "vit" if self.dense_bias is None else self.dense_bias
+
+  @property
+  def width(self) -> int:
+    """Width of the stored residual stream: d, or d-1 when compressed (CRMSNorm)."""
+    return self.d_model - 1 if self.compressed else self.d_model
+
+  @property
+  def causal(self) -> bool:
+    return self.name == "llama"
+
+  def replace(self, **changes: Any) -> ModelConfig:
+    return dataclasses.replace(self, **changes)
+
+  @classmethod
+  def from_dict(cls, values: Mapping[str, Any]) -> ModelConfig:
+    """From a plain (nested) dict such as ``config.model.to_dict()``; unknown keys are errors."""
+    values = dict(values)
+    sub = {"norm": NormConfig, "placement": PlacementConfig, "init": InitConfig}
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in values:
+      if key not in known:
+        raise ValueError(f"model.{key} is not a model field; valid fields: {sorted(known)}")
+    for key, sub_cls in sub.items():
+      if isinstance(values.get(key), Mapping):
+        fields = {f.name for f in dataclasses.fields(sub_cls)}
+        for name in values[key]:
+          if name not in fields:
+            raise ValueError(f"model.{key}.{name} is not a field; valid fields: {sorted(fields)}")
+        values[key] = sub_cls(**values[key])
+    return cls(**values)
+
+  def validate(self) -> ModelConfig:
+    """Checks every field against the others; returns self so calls chain."""
+    from normjax import placements, variance  # local: both import this module
+
+    def choice(field, value, choices):
+      if value not in choices:
+        raise ValueError(f"{field}={value!r} is not valid; choose one of {list(choices)}")
+
+    choice("model.name", self.name, MODEL_NAMES)
+    choice("model.dtype", self.dtype, DTYPES)
+    choice("model.param_dtype", self.param_dtype, DTYPES)
+    choice("model.remat", self.remat, REMAT_POLICIES)
+    choice("model.pool", self.pool, POOLS)
+    choice("model.init.scheme", self.init.scheme, variance.init_schemes())
+    for field in ("num_layers", "d_model", "num_heads", "vocab_size", "patch_size", "num_classes"):
+      if getattr(self, field) < 1:
+        raise ValueError(f"model.{field}={getattr(self, field)} must be positive")
+    if self.d_model % self.num_heads:
+      raise ValueError(f"model.num_heads={self.num_heads} does not divide model.d_model={self.d_model}")
+    if self.num_heads % self.kv_heads:
+      raise ValueError(f"model.num_kv_heads={self.num_kv_heads} does not divide "
+                       f"model.num_heads={self.num_heads}")
+    if self.name == "vit" and self.image_size % self.patch_size:
+      raise ValueError(f"model.patch_size={self.patch_size} does not divide "
+                       f"model.image_size={self.image_size}")
+    try:
+      spec = norms.get(self.norm.kind)
+      spec.options(**self.norm.options)
+    except ValueError as error:
+      raise ValueError(f"model.norm: {error}") from None
+    placement = placements.get(self.placement.kind)
+    placement.check(self, spec)
+    if self.name == "llama" and spec.name in BATCH_STAT_NORMS and placement.norm_slots:
+      raise ValueError(f"model.norm.kind={self.norm.kind!r} takes statistics across sequence positions, "
+                       "which leaks future tokens into a causal decoder (model.name='llama'); "
+                       f"use it with model.name='vit' or pick a per-token norm")
+    if (spec.name == "crms_norm") != self.compressed:
+      raise ValueError(f"model.norm.kind={self.norm.kind!r} with model.compressed={self.compressed}: "
+                       "crms_norm needs the compressed d-1 residual stream and only it does "
+                       "(build one with normjax.convert.to_crms)")
+    if self.init.scheme == "scaled" and placement.name == "lns":
+      raise ValueError("model.init.scheme='scaled' with model.placement.kind='lns': LayerNorm Scaling "
+                       "must not be combined with scaled init (LNS paper, Table 4); use 'normal'")
+    if not 0.0 <= self.placement.mix_alpha <= 1.0:
+      raise ValueError(f"model.placement.mix_alpha={self.placement.mix_alpha} must be in [0, 1]")
+    return self

@@ -1,0 +1,172 @@
+"""Small NNX layers shared by LLaMA and ViT: dense, embedding, rotary embedding, attention, MLPs.
+
+Every parameter is an ``nnx.Param`` whose ``out_sharding`` metadata holds logical axis names
+(embed, mlp, heads, kv, vocab, norm; ``layers`` is added by the stacked blocks) for the training
+loop's sharding rules. Compute happens in ``dtype``; parameters are stored in ``param_dtype``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from normjax import norms
+from normjax.nn.nnx import Norm
+
+Array = jax.Array
+
+
+def param(rngs: nnx.Rngs | None, shape: tuple[int, ...], std: Any, dtype: Any,
+          axes: tuple[str | None, ...], *, zeros: bool = False) -> nnx.Param:
+  """A normal(0, std) (or zero) parameter with logical axes; std may be traced (per-layer init)."""
+  if zeros:
+    value = jnp.zeros(shape, dtype)
+  else:
+    value = (jax.random.normal(rngs.params(), shape, jnp.float32) * std).astype(dtype)
+  return nnx.Param(value, out_sharding=axes, eager_sharding=False)
+
+
+class Dense(nnx.Module):
+  """``[..., in] -> [..., out]``; kernel ``[in, out]`` with logical axes ``axes``.
+
+  ``weight_norm`` names a weight-space norm kind (sigma_reparam, weight_standardize) applied to the
+  kernel on every call; its parameters and state live in ``self.weight_norm``.
+  """
+
+  def __init__(self, in_features: int, out_features: int, axes: tuple[str | None, str | None], *,
+               std: Any, use_bias: bool, dtype: Any, param_dtype: Any, rngs: nnx.Rngs,
+               weight_norm: str | None = None):
+    self.kernel = param(rngs, (in_features, out_features), std, param_dtype, axes)
+    self.bias = param(None, (out_features,), 0.0, param_dtype, axes[1:], zeros=True) if use_bias else None
+    self.weight_norm = Norm(weight_norm, self.kernel[...]) if weight_norm else None
+    self.dtype = dtype
+
+  def __call__(self, x: Array, *, train: bool = False) -> Array:
+    kernel = self.kernel[...]
+    if self.weight_norm is not None:
+      kernel = self.weight_norm(kernel, train=train)
+    y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+    return y if self.bias is None else y + self.bias[...].astype(self.dtype)
+
+
+def rope(x: Array, theta: float) -> Array:
+  """Rotary position embedding on ``[B, T, heads, head_dim]`` (half-split pairs, as in LLaMA)."""
+  half = x.shape[-1] // 2
+  freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  angle = jnp.arange(x.shape[1], dtype=jnp.float32)[:, None] * freq[None, :]  # [T, half]
+  cos, sin = jnp.cos(angle)[None, :, None, :], jnp.sin(angle)[None, :, None, :]
+  x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x.dtype)
+
+
+def attention_with_entropy(q: Array, k: Array, v: Array, causal: bool) -> tuple[Array, Array]:
+  """Explicit softmax attention that also returns the mean entropy over batch, heads and queries.
+
+  Used only on statistics steps; equals ``jax.nn.dot_product_attention`` up to rounding.
+  ``q: [B, T, H, hd]``, ``k, v: [B, S, KV, hd]`` -> ``([B, T, H, hd], scalar)``.
+  """
+  groups = q.shape[2] // k.shape[2]
+  k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
+  logits = jnp.einsum("bthd,bshd->bhts", q.astype(jnp.float32), k.astype(jnp.float32))
+  logits = logits / jnp.sqrt(jnp.float32(q.shape[-1]))
+  if causal:
+    mask = jnp.tril(jnp.ones((q.shape[1], k.shape[1]), bool))
+    logits = jnp.where(mask, logits, -jnp.inf)
+  log_probs = jax.nn.log_softmax(logits, -1)
+  probs = jnp.exp(log_probs)
+  entropy = -jnp.sum(jnp.where(probs > 0, probs * log_probs, 0.0), -1)
+  out = jnp.einsum("bhts,bshd->bthd", probs, v.astype(jnp.float32)).astype(q.dtype)
+  return out, jnp.mean(entropy)
+
+
+class Attention(nnx.Module):
+  """Multi-head attention with optional grouped-query heads and RoPE; ``[B, T, w] -> [B, T, w]``.
+
+  ``w`` is the stored residual width (d, or d-1 for compressed models). Without statistics it calls
+  ``jax.nn.dot_product_attention`` (the cuDNN path on GPU).
+  """
+
+  def __init__(self, cfg: Any, stds: dict[str, Any], rngs: nnx.Rngs, weight_norm: str | None = None):
+    heads, kv, hd, w = cfg.num_heads, cfg.kv_heads, cfg.head_dim, cfg.width
+    common = dict(use_bias=cfg.use_bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs,
+                  weight_norm=weight_norm)
+    self.q = Dense(w, heads * hd, ("embed", "heads"), std=stds["q"], **common)
+    self.k = Dense(w, kv * hd, ("embed", "heads"), std=stds["k"], **common)
+    self.v = Dense(w, kv * hd, ("embed", "heads"), std=stds["v"], **common)
+    self.o = Dense(heads * hd, w, ("heads", "embed"), std=stds["o"], **common)
+    self.shape = (heads, kv, hd)
+    self.causal = cfg.causal
+    self.rope_theta = cfg.rope_theta if cfg.name == "llama" else None
+
+  def __call__(self, x: Array, *, train: bool = False, collect_stats: bool = False
+               ) -> tuple[Array, dict[str, Array]]:
+    heads, kv, hd = self.shape
+    b, t, _ = x.shape
+    q = self.q(x, train=train).reshape(b, t, heads, hd)
+    k = self.k(x, train=train).reshape(b, t, kv, hd)
+    v = self.v(x, train=train).reshape(b, t, kv, hd)
+    if self.rope_theta is not None:
+      q, k = rope(q, self.rope_theta), rope(k, self.rope_theta)
+    if collect_stats:
+      out, entropy = attention_with_entropy(q, k, v, self.causal)
+      aux = {"attn_entropy": entropy}
+    else:
+      out, aux = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal), {}
+    return self.o(out.reshape(b, t, heads * hd), train=train), aux
+
+
+class Mlp(nnx.Module):
+  """SwiGLU (LLaMA: down(silu(gate x) * up x)) or GELU (ViT: fc2(gelu(fc1 x))); ``[.., w] -> [.., w]``."""
+
+  def __init__(self, cfg: Any, stds: dict[str, Any], rngs: nnx.Rngs, weight_norm: str | None = None):
+    w, hidden = cfg.width, cfg.hidden_dim
+    common = dict(use_bias=cfg.use_bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs,
+                  weight_norm=weight_norm)
+    self.gated = cfg.name == "llama"
+    if self.gated:
+      self.gate = Dense(w, hidden, ("embed", "mlp"), std=stds["gate"], **common)
+      self.up = Dense(w, hidden, ("embed", "mlp"), std=stds["up"], **common)
+      self.down = Dense(hidden, w, ("mlp", "embed"), std=stds["down"], **common)
+    else:
+      self.fc1 = Dense(w, hidden, ("embed", "mlp"), std=stds["fc1"], **common)
+      self.fc2 = Dense(hidden, w, ("mlp", "embed"), std=stds["fc2"], **common)
+
+  def __call__(self, x: Array, *, train: bool = False, collect_stats: bool = False
+               ) -> tuple[Array, dict[str, Array]]:
+    del collect_stats
+    if self.gated:
+      h = jax.nn.silu(self.gate(x, train=train)) * self.up(x, train=train)
+      return self.down(h, train=train), {}
+    return self.fc2(jax.nn.gelu(self.fc1(x, train=train)), train=train), {}
+
+
+def activation_norm(cfg: Any, rngs: nnx.Rngs | None = None) -> Norm | None:
+  """A residual-stream norm of the configured kind (None for weight-space kinds)."""
+  spec = norms.get(cfg.norm.kind)
+  if spec.acts_on == "weights":
+    return None
+  options = dict(cfg.norm.options)
+  if "batch_axes" in spec.defaults:
+    options.setdefault("batch_axes", (0, 1))  # group statistics per token, never across positions
+  features = cfg.width
+  if "num_groups" in spec.defaults or spec.name == "evonorm_b0":
+    example = jax.ShapeDtypeStruct((1, 1, features), jnp.float32)
+  else:
+    example = features
+  if "param_dtype" in spec.defaults:
+    options.setdefault("param_dtype", cfg.param_dtype)
+  return Norm(spec.name, example, rngs=rngs, **options)
+
+
+def call_norm(norm: Norm | None, x: Array, *, train: bool, out_scale: Any = None) -> Array:
+  """Applies ``norm`` (identity when None); out_scale is folded in where the kind supports it."""
+  if norm is None:
+    y = x
+  elif out_scale is not None and "out_scale" in norms.get(norm.kind).call_options:
+    return norm(x, train=train, out_scale=out_scale)
+  else:
+    y = norm(x, train=train)
+  return y if out_scale is None else y * jnp.asarray(out_scale, y.dtype)

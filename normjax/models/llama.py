@@ -1,0 +1,68 @@
+"""LLaMA-style decoder: token embedding, RoPE attention (optional GQA), SwiGLU MLP, final norm, head.
+
+Flax NNX (Flax's recommended API): modules are plain Python objects holding their parameters, so
+the norm, the placement and the per-layer init are ordinary constructor arguments, stacked layers
+come from ``nnx.vmap`` and depth runs under ``nnx.scan``; ``nnx.split``/``nnx.merge`` give the
+pure (graphdef, state) pair the training loop jits and shards.
+
+    model = Llama(ModelConfig(name="llama", norm=NormConfig("rms_norm"), ...), rngs=nnx.Rngs(0))
+    logits, stats = model(tokens, collect_stats=True)   # tokens [B, T] int -> logits [B, T, V]
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from normjax.models.block import Stack
+from normjax.models.config import ModelConfig
+from normjax.models.layers import Dense, activation_norm, call_norm, param
+from normjax.placements import residual_stats
+
+Array = jax.Array
+
+
+def embedding_stats(x0: Array, summary: Array) -> dict[str, Array]:
+  """Statistics of the block-0 input x_0 (after any embedding norm), keyed ``embed/...``."""
+  return {**{f"embed/{k}": v for k, v in residual_stats(x0).items()},
+          "embed/hidden": summary.astype(jnp.float32)}
+
+
+class Llama(nnx.Module):
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    cfg = cfg.validate()
+    self.cfg = cfg
+    self.embed = param(rngs, (cfg.vocab_size, cfg.width), cfg.init.std, cfg.param_dtype,
+                       ("vocab", "embed"))
+    self.embed_norm = activation_norm(cfg, rngs) if cfg.placement.embed_norm else None
+    self.stack = Stack(cfg, rngs)
+    self.final_norm = activation_norm(cfg, rngs) if cfg.placement.final_norm else None
+    self.head = None if cfg.tie_embeddings else Dense(
+        cfg.width, cfg.vocab_size, ("embed", "vocab"), std=cfg.init.std, use_bias=cfg.use_bias,
+        dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
+
+  def __call__(self, tokens: Array, *, train: bool = False, collect_stats: bool = False,
+               skip_layer: Any = None) -> tuple[Array, dict[str, Array]]:
+    """``tokens [B, T] -> (logits [B, T, V] float32, stats)``; stats is {} unless collect_stats.
+
+    ``stats['hidden']`` is ``[L+1, B, w]``: the LAST token of x_0 (embedding) and of every block
+    output, before the final norm, for the angular-distance matrix.
+    """
+    cfg = self.cfg
+    x = jnp.take(self.embed[...], tokens, axis=0).astype(cfg.dtype)
+    x = call_norm(self.embed_norm, x, train=train)
+    last = lambda h: h[:, -1]
+    h, stats = self.stack(x, train=train, collect_stats=collect_stats, skip_layer=skip_layer,
+                          summarize=last)
+    if collect_stats:
+      stats = {**stats, **embedding_stats(x, last(x))}
+      stats["hidden"] = jnp.concatenate([stats.pop("embed/hidden")[None], stats["hidden"]], 0)
+    h = call_norm(self.final_norm, h, train=train)
+    if self.head is None:
+      logits = jnp.dot(h, self.embed[...].astype(cfg.dtype).T)
+    else:
+      logits = self.head(h, train=train)
+    return logits.astype(jnp.float32), stats

@@ -1,0 +1,162 @@
+"""LLaMA and ViT: every placement x a representative set of norms (forward, gradient, scan == unrolled,
+statistics), stateful and weight-space kinds, dtypes, remat and parameter metadata."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from normjax import placements
+from normjax.models import InitConfig, ModelConfig, NormConfig, PlacementConfig, build
+from normjax.nn.nnx import NormState
+
+PLACEMENTS = placements.names()
+REPRESENTATIVE_NORMS = ["layer_norm", "rms_norm", "dyt"]
+
+
+def small(name: str, placement: str = "pre", norm: str | NormConfig = "rms_norm", **changes) -> ModelConfig:
+  base = dict(name=name, num_layers=3, d_model=16, num_heads=4, vocab_size=32, image_size=8,
+              patch_size=4, mlp_dim=32, norm=norm if isinstance(norm, NormConfig) else NormConfig(norm),
+              placement=PlacementConfig(placement, mix_alpha=0.5))  # mix: block 1 Post-LN
+  if name == "llama":
+    base["num_kv_heads"] = 2
+  base.update(changes)
+  return ModelConfig(**base)
+
+
+def inputs(name: str, seed: int = 0) -> jax.Array:
+  rng = np.random.default_rng(seed)
+  if name == "llama":
+    return jnp.asarray(rng.integers(0, 32, size=(2, 6)))
+  return jnp.asarray(rng.normal(size=(2, 8, 8, 1)), jnp.float32)
+
+
+def loss_and_grads(model, x, *, train=False, collect_stats=True):
+  def loss_fn(model):
+    logits, stats = model(x, train=train, collect_stats=collect_stats)
+    return jnp.mean(logits ** 2), (logits, stats)
+  (loss, (logits, stats)), grads = nnx.jit(nnx.value_and_grad(loss_fn, has_aux=True))(model)
+  return loss, logits, stats, grads
+
+
+@pytest.mark.parametrize("norm", REPRESENTATIVE_NORMS)
+@pytest.mark.parametrize("placement", PLACEMENTS)
+@pytest.mark.parametrize("name", ["llama", "vit"])
+def test_every_placement_forward_gradient_scan_and_stats(name, placement, norm):
+  cfg = small(name, placement, norm)
+  x = inputs(name)
+  scanned = build(cfg, seed=1)
+  loss, logits, stats, grads = loss_and_grads(scanned, x)
+  assert np.isfinite(float(loss))
+  flat = jax.tree.leaves(grads)
+  assert all(np.isfinite(g).all() for g in flat)
+  assert sum(float(jnp.sum(g ** 2)) for g in flat) > 0
+  # the unrolled Python loop (static layer indices, run eagerly) gives the same logits and stats
+  logits_u, stats_u = build(cfg.replace(scan_layers=False), seed=1)(x, collect_stats=True)
+  np.testing.assert_allclose(logits, logits_u, rtol=1e-5, atol=1e-6)
+  L = cfg.num_layers
+  for sublayer in ("attn", "mlp"):
+    for stat in ("resid_var", "resid_rms", "max_abs", "branch_rms", "norm_in_rms", "norm_out_rms"):
+      key = f"{sublayer}/{stat}"
+      assert stats[key].shape == (L,), key
+      np.testing.assert_allclose(stats[key], stats_u[key], rtol=1e-5, atol=1e-6, err_msg=key)
+  assert stats["attn/attn_entropy"].shape == (L,)
+  assert stats["hidden"].shape == (L + 1, 2, cfg.width)
+  assert np.isnan(stats["attn/norm_in_rms"]).all() == (placement == "none")
+
+
+@pytest.mark.parametrize("name", ["llama", "vit"])
+def test_scanned_and_unrolled_gradients_and_fast_attention_path(name):
+  cfg = small(name, "mix", "layer_norm")
+  x = inputs(name)
+  _, logits, _, grads = loss_and_grads(build(cfg, seed=1), x)
+  _, _, _, grads_u = loss_and_grads(build(cfg.replace(scan_layers=False), seed=1), x)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), grads, grads_u)
+  # without statistics attention runs through jax.nn.dot_product_attention: same logits
+  fast, _ = build(cfg, seed=1)(x)
+  np.testing.assert_allclose(fast, logits, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("norm", ["batch_norm", "power_norm", "evonorm_b0", "batch_channel_norm"])
+def test_batch_statistic_norms_in_vit_update_state_scanned_and_unrolled(norm):
+  options = {"num_groups": 4} if norm == "batch_channel_norm" else {}
+  cfg = small("vit", "pre", NormConfig(norm, options))
+  x = inputs("vit")
+  models = [build(cfg, seed=2), build(cfg.replace(scan_layers=False), seed=2)]
+  before = nnx.to_pure_dict(nnx.state(models[0], NormState))
+  outs = [loss_and_grads(m, x, train=True, collect_stats=False) for m in models]
+  np.testing.assert_allclose(outs[0][1], outs[1][1], rtol=1e-5, atol=1e-6)
+  after = [nnx.to_pure_dict(nnx.state(m, NormState)) for m in models]
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), after[0], after[1])
+  changed = jax.tree.map(lambda a, b: not np.allclose(a, b), before, after[0])
+  assert any(jax.tree.leaves(changed)), "train=True did not update the norm state"
+
+
+def test_weight_space_norm_with_none_placement():
+  cfg = small("vit", "none", "sigma_reparam")
+  model = build(cfg)
+  u_before = model.stack.blocks.attn.q.weight_norm.u.get_value()
+  _, logits, _, grads = loss_and_grads(model, inputs("vit"), train=True)
+  assert np.isfinite(logits).all()
+  assert "gamma" in nnx.to_pure_dict(grads)["stack"]["blocks"]["attn"]["q"]["weight_norm"]
+  assert not np.allclose(model.stack.blocks.attn.q.weight_norm.u.get_value(), u_before)
+
+
+@pytest.mark.parametrize("name", ["llama", "vit"])
+def test_bfloat16_compute_and_remat(name):
+  x = inputs(name)
+  base = build(small(name), seed=3)
+  remat = build(small(name, remat="full"), seed=3)
+  _, logits, _, grads = loss_and_grads(base, x, collect_stats=False)
+  _, logits_r, _, grads_r = loss_and_grads(remat, x, collect_stats=False)
+  np.testing.assert_allclose(logits, logits_r, rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), grads, grads_r)
+  bf16 = build(small(name, dtype="bfloat16"), seed=3)
+  logits_bf16, _ = bf16(x)
+  assert logits_bf16.dtype == jnp.float32
+  np.testing.assert_allclose(logits_bf16, logits, atol=0.05 * float(jnp.max(jnp.abs(logits))))
+
+
+@pytest.mark.parametrize("name", ["llama", "vit"])
+def test_every_parameter_has_logical_axes(name):
+  model = build(small(name, "peri", "layer_norm"))
+  for path, var in jax.tree_util.tree_flatten_with_path(
+      nnx.state(model, nnx.Param), is_leaf=lambda v: isinstance(v, nnx.Variable))[0]:
+    axes = var.get_metadata()["out_sharding"]
+    assert len(axes) == var[...].ndim, (path, axes)
+    if "blocks" in jax.tree_util.keystr(path):
+      assert axes[0] == "layers", (path, axes)
+  kernel = model.stack.blocks.attn.q.kernel.get_metadata()["out_sharding"]
+  assert kernel == ("layers", "embed", "heads")
+
+
+def test_grouped_query_heads_and_tied_embeddings():
+  cfg = small("llama", num_heads=4, num_kv_heads=1, tie_embeddings=True)
+  model = build(cfg)
+  assert model.head is None
+  assert model.stack.blocks.attn.k.kernel[...].shape == (3, 16, 4)
+  logits, _ = model(inputs("llama"))
+  assert logits.shape == (2, 6, 32)
+
+
+def test_causality():
+  model = build(small("llama"))
+  tokens = inputs("llama")
+  changed = tokens.at[:, -1].set((tokens[:, -1] + 1) % 32)
+  a, _ = model(tokens)
+  b, _ = model(changed)
+  np.testing.assert_allclose(a[:, :-1], b[:, :-1], rtol=1e-6, atol=1e-6)
+  assert not np.allclose(a[:, -1], b[:, -1])
+
+
+def test_mix_uses_post_then_pre():
+  """mix with alpha 1/3 on 3 layers: block 1 is Post-LN (stream normalized), blocks 2-3 Pre-LN."""
+  cfg = small("vit", "mix", "layer_norm").replace(
+      placement=PlacementConfig("mix", mix_alpha=1 / 3), init=InitConfig(std=0.3))
+  _, stats = build(cfg)(inputs("vit"), collect_stats=True)
+  np.testing.assert_allclose(stats["mlp/resid_var"][0], 1.0, atol=1e-3)
+  assert float(stats["mlp/resid_var"][1]) > 1.05
+  assert float(stats["mlp/resid_var"][2]) > float(stats["mlp/resid_var"][1])
