@@ -118,6 +118,9 @@ def test_bfloat16_compute_and_remat(name):
   logits_bf16, _ = bf16(x)
   assert logits_bf16.dtype == jnp.float32
   np.testing.assert_allclose(logits_bf16, logits, atol=0.05 * float(jnp.max(jnp.abs(logits))))
+  bf16_params = build(small(name, param_dtype="bfloat16"), seed=3)
+  assert bf16_params.stack.blocks.attn.q.kernel[...].dtype == jnp.bfloat16
+  assert np.isfinite(bf16_params(x)[0]).all()
 
 
 @pytest.mark.parametrize("name", ["llama", "vit"])

@@ -1,5 +1,7 @@
 """LLaMA and ViT in Flax NNX, with every norm kind and placement as a config switch."""
 
+from flax import nnx
+
 from normjax.models.config import InitConfig, ModelConfig, NormConfig, PlacementConfig
 from normjax.models.llama import Llama
 from normjax.models.vit import ViT
@@ -8,9 +10,7 @@ MODELS = {"llama": Llama, "vit": ViT}
 
 
 def build(cfg: ModelConfig, *, seed: int = 0):
-  """The model named by ``cfg.name``, initialized from ``seed``."""
-  from flax import nnx
-  cfg.validate()
+  """The model named by ``cfg.name`` (its constructor validates cfg), initialized from ``seed``."""
   return MODELS[cfg.name](cfg, rngs=nnx.Rngs(seed))
 
 

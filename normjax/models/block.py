@@ -74,8 +74,9 @@ class Stack(nnx.Module):
     """Runs every block. ``skip_layer`` (1-based, may be traced) replaces that block by the identity.
 
     With ``collect_stats`` the stats hold an ``[L]`` array per sublayer statistic
-    (``attn/resid_var``, ``mlp/branch_rms``, ...) and ``hidden``: ``summarize(block output)`` per
-    layer, ``[L, B, w]`` (the model picks the token: last for LLaMA, class token or mean for ViT).
+    (``attn/resid_var``, ``mlp/branch_rms``, ...), ``embed/...`` scalars for the input x_0, and
+    ``hidden``: ``summarize`` of x_0 and of every block output, ``[L+1, B, w]`` (the model picks the
+    token: last for LLaMA, class token or mean for ViT).
     """
     cfg = self.cfg
     ctx_kwargs = dict(num_layers=cfg.num_layers, collect_stats=collect_stats,
@@ -94,8 +95,13 @@ class Stack(nnx.Module):
       body = nnx.remat(body, policy=policy, static_argnums=(2,) if not cfg.scan_layers else ())
     if cfg.scan_layers:
       scan = nnx.scan(body, in_axes=(nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0))
-      return scan(x, self.blocks, jnp.arange(1, cfg.num_layers + 1))
-    return self._unrolled(body, x)
+      y, stats = scan(x, self.blocks, jnp.arange(1, cfg.num_layers + 1))
+    else:
+      y, stats = self._unrolled(body, x)
+    if collect_stats:
+      stats.update({f"embed/{k}": v for k, v in placements.residual_stats(x).items()})
+      stats["hidden"] = jnp.concatenate([summarize(x).astype(jnp.float32)[None], stats["hidden"]])
+    return y, stats
 
   def _unrolled(self, body, x):
     """A Python loop over the stacked blocks with static 1-based layer indices."""

@@ -20,15 +20,8 @@ from flax import nnx
 from normjax.models.block import Stack
 from normjax.models.config import ModelConfig
 from normjax.models.layers import Dense, activation_norm, call_norm, param
-from normjax.placements import residual_stats
 
 Array = jax.Array
-
-
-def embedding_stats(x0: Array, summary: Array) -> dict[str, Array]:
-  """Statistics of the block-0 input x_0 (after any embedding norm), keyed ``embed/...``."""
-  return {**{f"embed/{k}": v for k, v in residual_stats(x0).items()},
-          "embed/hidden": summary.astype(jnp.float32)}
 
 
 class Llama(nnx.Module):
@@ -57,9 +50,6 @@ class Llama(nnx.Module):
     last = lambda h: h[:, -1]
     h, stats = self.stack(x, train=train, collect_stats=collect_stats, skip_layer=skip_layer,
                           summarize=last)
-    if collect_stats:
-      stats = {**stats, **embedding_stats(x, last(x))}
-      stats["hidden"] = jnp.concatenate([stats.pop("embed/hidden")[None], stats["hidden"]], 0)
     h = call_norm(self.final_norm, h, train=train)
     if self.head is None:
       logits = jnp.dot(h, self.embed[...].astype(cfg.dtype).T)

@@ -18,7 +18,6 @@ from flax import nnx
 from normjax.models.block import Stack
 from normjax.models.config import ModelConfig
 from normjax.models.layers import Dense, activation_norm, call_norm, param
-from normjax.models.llama import embedding_stats
 
 Array = jax.Array
 
@@ -66,8 +65,5 @@ class ViT(nnx.Module):
     x = call_norm(self.embed_norm, x, train=train)
     h, stats = self.stack(x, train=train, collect_stats=collect_stats, skip_layer=skip_layer,
                           summarize=self.summarize)
-    if collect_stats:
-      stats = {**stats, **embedding_stats(x, self.summarize(x))}
-      stats["hidden"] = jnp.concatenate([stats.pop("embed/hidden")[None], stats["hidden"]], 0)
     h = self.summarize(call_norm(self.final_norm, h, train=train))
     return self.head(h, train=train).astype(jnp.float32), stats
