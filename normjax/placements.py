@@ -132,7 +132,7 @@ class LayerNormScaling(Placement):
 
 def deepnorm_alpha(ctx_or_layers: Any, override: float | None = None) -> float:
   """DeepNet decoder-only residual gain (2L)^(1/4) unless overridden."""
-  if override is not None:
+  if override:  # None or 0 (the config default) mean "use the formula"
     return override
   num_layers = getattr(ctx_or_layers, "num_layers", ctx_or_layers)
   return (2.0 * num_layers) ** 0.25

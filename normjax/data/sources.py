@@ -1,0 +1,209 @@
+"""Name resolution, config validation, and opening a built-in or prepared TFDS dataset for reading.
+
+tensorflow_datasets is imported only inside the functions that read or build data: it is absent on
+the GPU machine (ENVIRONMENT.md §5), where ``resolve_name`` and ``validate`` of built-ins still
+work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import glob
+import os
+from typing import Any
+
+import numpy as np
+
+from normjax.data import batches, corpus
+
+DATASETS = ("stdlib_bytes", "text_files", "fashion_mnist_deb", "sklearn_digits")
+TEXT_DATASETS = ("stdlib_bytes", "text_files")
+AUTO_IMAGES = "auto_images"
+SPLITS = ("train", "validation")
+VOCAB_SIZE = 256  # bytes
+_DEFAULT_DATA_DIR = "~/.cache/normjax/tensorflow_datasets"
+
+
+def data_dir(cfg: Any) -> str:
+  """``cfg.data_dir``, else ``$NORMJAX_DATA_DIR``, else ``~/.cache/normjax/tensorflow_datasets``."""
+  path = cfg.data_dir or os.environ.get("NORMJAX_DATA_DIR") or _DEFAULT_DATA_DIR
+  return os.path.abspath(os.path.expanduser(path))
+
+
+def resolve_name(name: str) -> str:
+  """``"auto_images"`` -> "fashion_mnist_deb" if its Debian package is installed, else
+  "sklearn_digits"; any other name is returned unchanged."""
+  if name != AUTO_IMAGES:
+    return name
+  return "fashion_mnist_deb" if corpus.fashion_mnist_files() is not None else "sklearn_digits"
+
+
+def _choices(name: str) -> str:
+  close = difflib.get_close_matches(name, DATASETS, n=1)
+  hint = f"; did you mean {close[0]!r}?" if close else ""
+  return f"built-in: {list(DATASETS)} (or {AUTO_IMAGES!r}){hint}"
+
+
+def _prepared_builder(name: str, root: str) -> Any:
+  """Read-only tfds builder of a dataset prepared under ``root`` (from its files, no builder code),
+  or None. ``name`` may carry a config and version: ``"wiki40b/en:1.3.0"``."""
+  import tensorflow_datasets as tfds
+  try:
+    return tfds.core.read_only_builder.builder_from_files(name, data_dir=root)
+  except (ValueError, FileNotFoundError):  # includes tfds' DatasetNotFoundError
+    return None
+
+
+def _split_names(builder: Any) -> dict[str, str]:
+  """Our split name -> the dataset's: "validation", or "test" where there is no "validation"."""
+  available = list(builder.info.splits)
+  valid = "validation" if "validation" in available else "test"
+  if "train" not in available or valid not in available:
+    raise ValueError(f"the prepared TFDS dataset at {builder.data_dir} has splits {available}; "
+                     "need 'train' and 'validation' (or 'test')")
+  return {"train": "train", "validation": valid}
+
+
+def _generic_kind(name: str, builder: Any) -> str:
+  """"text" or "image" from a prepared dataset's features; ValueError if it has neither layout."""
+  features = builder.info.features
+  if "text" in features:
+    return "text"
+  if "image" in features and "label" in features:
+    image = features["image"]
+    if None in image.shape or len(image.shape) != 3 or image.np_dtype != np.uint8:
+      raise ValueError(f"data.name={name!r}: image feature {image} at {builder.data_dir} must be "
+                       "uint8 with a fixed shape (H, W, C)")
+    return "image"
+  raise ValueError(f"data.name={name!r}: the prepared TFDS dataset at {builder.data_dir} has "
+                   f"features {list(features)}; need a 'text' feature, or 'image' and 'label'")
+
+
+def validate(cfg: Any) -> None:
+  """Check a data config without building or downloading anything; ValueError names the field,
+  its value and the valid choices. Reads only the metadata of prepared TFDS datasets."""
+  name, root = resolve_name(cfg.name), data_dir(cfg)
+  if os.path.exists(root) and not os.path.isdir(root):
+    raise ValueError(f"data.data_dir={cfg.data_dir!r} ({root}) is not a directory")
+  seed = cfg.shuffle_seed
+  if not isinstance(seed, int) or seed < 0:
+    raise ValueError(f"data.shuffle_seed={seed!r} must be an int >= 0")
+  if name == "text_files":
+    text_dir = getattr(cfg, "text_dir", "")
+    if not text_dir:
+      raise ValueError(f"data.text_dir={text_dir!r} : data.name='text_files' needs a directory of "
+                       "text files")
+    if not os.path.isdir(text_dir):
+      raise ValueError(f"data.text_dir={text_dir!r} does not exist" if not os.path.exists(text_dir)
+                       else f"data.text_dir={text_dir!r} is not a directory")
+    if not corpus.list_text_files(text_dir):
+      raise ValueError(f"data.text_dir={text_dir!r} contains no (non-hidden) files")
+  if name == "fashion_mnist_deb" and corpus.fashion_mnist_files() is None and not glob.glob(
+      os.path.join(root, name, "*", "dataset_info.json")):
+    package = corpus.FASHION_MNIST_PACKAGE
+    raise ValueError(f"data.name={cfg.name!r} needs the Debian package {package} (apt-get install "
+                     f"{package}), which is not installed; use {AUTO_IMAGES!r} to fall back to "
+                     "'sklearn_digits'")
+  if name in DATASETS:
+    kind = "text" if name in TEXT_DATASETS else "image"
+  else:
+    builder = _prepared_builder(name, root)
+    if builder is None:
+      raise ValueError(f"data.name={cfg.name!r} is not a built-in dataset and no prepared TFDS "
+                       f"dataset {name!r} was found in {root}; {_choices(name)}")
+    kind = _generic_kind(name, builder)
+    _split_names(builder)
+  if kind == "text":
+    _check_seq_len(cfg.seq_len, corpus.CHUNK_LEN if name in TEXT_DATASETS else None)
+
+
+def _check_seq_len(seq_len: Any, limit: int | None) -> None:
+  if not isinstance(seq_len, int) or seq_len < 1:
+    raise ValueError(f"data.seq_len={seq_len!r} must be an int >= 1")
+  if limit is not None and seq_len > limit:
+    raise ValueError(f"data.seq_len={seq_len} exceeds the stored chunk length {limit}; "
+                     f"choose 1 <= seq_len <= {limit}")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Opened:
+  """A prepared dataset and how to read it."""
+  name: str
+  kind: str  # "text" or "image"
+  builder: Any  # tfds DatasetBuilder, prepared
+  splits: dict[str, str]  # our split name -> the dataset's
+  builtin: bool
+
+
+def _open(cfg: Any) -> _Opened:
+  """Validate, then return the dataset, building a built-in one into data_dir on first use."""
+  validate(cfg)
+  name, root = resolve_name(cfg.name), data_dir(cfg)
+  if name not in DATASETS:
+    builder = _prepared_builder(name, root)
+    return _Opened(name, _generic_kind(name, builder), builder, _split_names(builder), False)
+  from normjax.data import builders  # imports tensorflow_datasets
+  kwargs = {"text_dir": cfg.text_dir} if name == "text_files" else {}
+  builder = builders.BUILDERS[name](data_dir=root, file_format="array_record", **kwargs)
+  if not builder.is_prepared():
+    builder.download_and_prepare()
+  kind = "text" if name in TEXT_DATASETS else "image"
+  return _Opened(name, kind, builder, {s: s for s in SPLITS}, True)
+
+
+def _num_examples(opened: _Opened, split: str, cfg: Any) -> int:
+  stored = opened.builder.info.splits[opened.splits[split]].num_examples
+  if opened.kind == "text" and opened.builtin:
+    return stored * batches.windows_per_chunk(cfg.seq_len)
+  return stored
+
+
+def _source(opened: _Opened) -> str:
+  info = opened.builder.info
+  if opened.builtin and opened.kind == "text":
+    files = info.metadata["files"]
+    what = (f"Python {info.metadata['python'].split()[0]} standard library"
+            if opened.name == "stdlib_bytes" else "text files")
+    return (f"{what} under {info.metadata['root']} ({len(files['train'])} train / "
+            f"{len(files['validation'])} validation files, split by {info.metadata['split_by']}, "
+            f"bytes in {corpus.CHUNK_LEN + 1}-byte chunks), cached at {opened.builder.data_dir}")
+  if opened.builtin:
+    return f"{opened.name}: {info.description} Cached at {opened.builder.data_dir}"
+  return (f"prepared TFDS dataset {opened.name!r} at {opened.builder.data_dir} "
+          f"(splits {opened.splits})")
+
+
+def info(cfg: Any) -> dict[str, Any]:
+  """kind, vocab_size (text) or image_shape and num_classes (image), num_examples per split and a
+  human-readable source. Builds a built-in dataset on first use."""
+  opened = _open(cfg)
+  out: dict[str, Any] = {"kind": opened.kind}
+  features = opened.builder.info.features
+  if opened.kind == "text":
+    out["vocab_size"] = VOCAB_SIZE
+  else:
+    out["image_shape"] = tuple(features["image"].shape)
+    out["num_classes"] = features["label"].num_classes
+  out["num_examples"] = {split: _num_examples(opened, split, cfg) for split in SPLITS}
+  out["source"] = _source(opened)
+  return out
+
+
+def load(cfg: Any, split: str, batch_size: int) -> batches.StepIndexedBatches:
+  """Batches of ``split`` ("train" or "validation"), shuffled with ``cfg.shuffle_seed``; builds a
+  built-in dataset on first use, then reads it by random access (no TensorFlow)."""
+  if split not in SPLITS:
+    raise ValueError(f"split={split!r} must be one of {list(SPLITS)}")
+  if not isinstance(batch_size, int) or batch_size < 1:
+    raise ValueError(f"batch_size={batch_size!r} must be an int >= 1")
+  opened = _open(cfg)
+  source = opened.builder.as_data_source(split=opened.splits[split])
+  if opened.kind == "image":
+    fetch = batches.image_examples(source)
+  elif opened.builtin:
+    fetch = batches.chunk_windows(source, cfg.seq_len)
+  else:
+    fetch = batches.text_examples(source, cfg.seq_len)
+  return batches.StepIndexedBatches(_num_examples(opened, split, cfg), batch_size,
+                                    cfg.shuffle_seed, fetch)

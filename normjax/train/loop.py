@@ -1,0 +1,189 @@
+"""The training loop: one screen from config to checkpoints, metrics and per-depth statistics.
+
+    python -m normjax.train --config=configs/llama.py:tiny --workdir=runs/llama_tiny
+
+Resumes automatically from the newest checkpoint in the workdir (the data order depends only on
+the step). SIGTERM saves a checkpoint and exits cleanly. A non-finite loss stops the run, naming the
+step, the last good checkpoint and the last statistics row; nothing written before is touched.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+import signal
+import time
+from typing import Any
+
+import jax
+import ml_collections as mlc
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import tqdm
+from flax import nnx
+from jax.sharding import PartitionSpec
+
+from normjax import config as config_lib
+from normjax import data, models, variance
+from normjax.train import mesh as mesh_lib
+from normjax.train.optim import make_optimizer, schedule
+from normjax.train.step import Steps, jit_steps
+from normjax.train.writer import Writer
+from normjax.treeutil import path_names
+
+
+class NonFiniteLoss(RuntimeError):
+  """Raised when the training loss is NaN or infinite; the message says where to look."""
+
+
+def state_specs(steps: Steps, model: Any, state: dict[str, Any], mesh: Any) -> dict[str, Any]:
+  """PartitionSpecs for the whole train state: params by the logical rules, the rest replicated."""
+  param_specs = mesh_lib.param_specs(nnx.state(model, nnx.Param), mesh)
+  opt_specs = optax.tree_map_params(steps.tx, lambda _, spec: spec, state["opt_state"], param_specs,
+                                    transform_non_params=lambda _: PartitionSpec())
+  return {"step": PartitionSpec(), "params": param_specs,
+          "norm_state": jax.tree.map(lambda _: PartitionSpec(), state["norm_state"]),
+          "opt_state": opt_specs}
+
+
+def train(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
+  # ---------------------------------------------------------------- validate (no JAX work yet)
+  _, sizes = config_lib.validate(config, jax.device_count())
+  workdir_path = pathlib.Path(workdir)
+  workdir_path.mkdir(parents=True, exist_ok=True)
+  # ---------------------------------------------------------------- data
+  info = data.info(config.data)
+  model_cfg = config_lib.model_config(config, info)
+  batch_size, total = config.train.batch_size, config.train.steps
+  train_data = data.load(config.data, "train", batch_size)
+  val_data = data.load(config.data, "validation", batch_size)
+  items_per_step = batch_size * (config.data.seq_len if info["kind"] == "text" else 1)
+  # ---------------------------------------------------------------- model, optimizer, sharding
+  mesh = mesh_lib.make_mesh(sizes, jax.devices()[:math.prod(sizes.values())])
+  model = models.build(model_cfg, seed=config.seed)
+  tx, decay = make_optimizer(nnx.to_pure_dict(nnx.state(model, nnx.Param)), config)
+  steps = Steps(model, tx, schedule(config))
+  state = steps.init_state(model)
+  specs = state_specs(steps, model, state, mesh)
+  state_shardings = mesh_lib.shardings(specs, mesh)
+  state = jax.device_put(state, state_shardings)
+  batch_sharding = mesh_lib.batch_sharding(mesh)
+  compiled = jit_steps(steps, state_shardings, batch_sharding)
+  tvr_config = variance.TVRConfig(**{k: v for k, v in config.tvr.items() if k != "enabled"})
+  tvr = jax.jit(lambda p: variance.tvr_rescale(p, tvr_config), in_shardings=(state_shardings["params"],),
+                out_shardings=(state_shardings["params"], None))
+  # ---------------------------------------------------------------- checkpoints and resume
+  ckpt_dir = (workdir_path / "checkpoints").absolute()
+  manager = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(
+      max_to_keep=config.ckpt.keep, create=True, enable_async_checkpointing=True))
+  start = manager.latest_step() or 0
+  if start:
+    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                            state, state_shardings)
+    state = manager.restore(start, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
+  writer = Writer(workdir_path, start)
+  writer.write_config(config)
+  _describe(workdir_path, model_cfg, info, sizes, specs, decay, start)
+  # ---------------------------------------------------------------- loop
+  preempted = []
+  signal.signal(signal.SIGTERM, lambda *_: preempted.append(True))
+  bar = tqdm.tqdm(total=total, initial=start, desc="train", dynamic_ncols=True)
+  last = {"time": time.perf_counter(), "step": start, "loss": math.nan, "eval": {}}
+
+  def save(step: int, force: bool = False) -> None:
+    manager.save(step, force=force, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave({"step": step, "workdir": str(workdir)})))
+
+  def process(step: int, metrics: dict[str, Any]) -> None:
+    host = jax.device_get(metrics)
+    depth_stats = host.pop("stats", None)
+    if depth_stats is not None:
+      writer.stats(step, depth_stats)
+    loss = float(host["loss"])
+    if not math.isfinite(loss):
+      writer.metrics(step, host)
+      manager.wait_until_finished()
+      good = manager.latest_step()
+      raise NonFiniteLoss(
+          f"non-finite loss {loss} at step {step}; last good checkpoint: "
+          f"{f'step {good} in {ckpt_dir}' if good else 'none'}; last statistics: "
+          f"step {writer.last_stats_step} in {writer.stats_path}")
+    last["loss"] = loss
+    bar.set_postfix(loss=f"{loss:.4f}")
+    if step % config.train.log_every == 0 or step == total:
+      now = time.perf_counter()
+      host["items_per_second"] = items_per_step * (step - last["step"]) / (now - last["time"])
+      last["time"], last["step"] = now, step
+      writer.metrics(step, host)
+
+  pending = None
+  try:
+    for index in range(start, total):
+      step = index + 1
+      collect = bool(config.stats.every) and (step % config.stats.every == 0 or step == 1)
+      batch = jax.device_put(train_data.batch(index), batch_sharding)
+      state, metrics = compiled[collect](state, batch)
+      if pending is not None:  # read the previous step while this one runs
+        process(*pending)
+      pending = (step, metrics)
+      bar.update(1)
+      if config.tvr.enabled and step % config.tvr.every == 0:
+        params, report = tvr(state["params"])
+        state = {**state, "params": params}
+        writer.metrics(step, {"rescaled": sum(int(np.sum(np.asarray(s) / tvr_config.target_std
+                                                         > tvr_config.threshold))
+                                              for s in report.values())}, prefix="tvr")
+      boundary = step == total or preempted
+      if boundary or (config.ckpt.every and step % config.ckpt.every == 0) or (
+          config.train.eval_every and step % config.train.eval_every == 0):
+        process(*pending)
+        pending = None
+        if boundary or (config.ckpt.every and step % config.ckpt.every == 0):
+          save(step, force=bool(preempted))
+        if step == total or (config.train.eval_every and step % config.train.eval_every == 0):
+          last["eval"] = evaluate(compiled["eval"], state, val_data, config.train.eval_steps, batch_sharding)
+          writer.metrics(step, last["eval"], prefix="eval")
+      if preempted:
+        bar.write(f"SIGTERM: checkpoint saved at step {step} in {ckpt_dir}; exiting")
+        break
+  finally:
+    bar.close()
+    manager.wait_until_finished()
+    manager.close()
+    writer.close()
+  eval_text = ", ".join(f"eval {k} {v:.4f}" for k, v in last["eval"].items())
+  print(f"done: step {last['step'] if preempted else total}/{total}, train loss {last['loss']:.4f}"
+        f"{', ' + eval_text if eval_text else ''}; workdir: {workdir_path.absolute()}")
+  return {"train_loss": last["loss"], **{f"eval_{k}": v for k, v in last["eval"].items()}}
+
+
+def evaluate(eval_step: Any, state: dict[str, Any], val_data: Any, num_batches: int,
+             batch_sharding: Any) -> dict[str, float]:
+  """Mean of the eval metrics over the first ``num_batches`` validation batches (fixed order)."""
+  results = [jax.device_get(eval_step(state, jax.device_put(val_data.batch(i), batch_sharding)))
+             for i in range(num_batches)]
+  return {key: float(np.mean([r[key] for r in results])) for key in results[0]} if results else {}
+
+
+def _describe(workdir: pathlib.Path, model_cfg: Any, info: dict[str, Any], sizes: dict[str, int],
+              specs: dict[str, Any], decay: Any, start: int) -> None:
+  """Startup log: data, model, mesh, the weight-decay mask and the parameter partition specs."""
+  flat_decay = {"/".join(map(str, k)): bool(v) for k, v in _flatten(decay)}
+  flat_specs = {"/".join(map(str, k)): str(v) for k, v in _flatten(
+      specs["params"], is_leaf=lambda x: isinstance(x, PartitionSpec))}
+  (workdir / "weight_decay_mask.json").write_text(json.dumps(flat_decay, indent=1) + "\n")
+  (workdir / "partition_specs.json").write_text(json.dumps(flat_specs, indent=1) + "\n")
+  excluded = sorted(k for k, v in flat_decay.items() if not v)
+  print(f"data: {info['source']} ({info['num_examples']})")
+  print(f"model: {model_cfg.name} L={model_cfg.num_layers} d={model_cfg.d_model} norm={model_cfg.norm.kind} "
+        f"placement={model_cfg.placement.kind} init={model_cfg.init.scheme} dtype={model_cfg.dtype}")
+  print(f"mesh: {sizes}; weight decay on {len(flat_decay) - len(excluded)} tensors, not on "
+        f"{len(excluded)} (norm parameters and biases; see weight_decay_mask.json)")
+  if start:
+    print(f"resuming from step {start}")
+
+
+def _flatten(tree: Any, is_leaf: Any = None) -> list[tuple[tuple[str, ...], Any]]:
+  return [(path_names(p), v) for p, v in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]]

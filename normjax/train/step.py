@@ -1,0 +1,118 @@
+"""The pure train and eval steps over a plain-dict train state.
+
+The train state is ``{"step", "params", "norm_state", "opt_state"}`` with params and norm state as
+plain nested dicts (what orbax saves and what the sharding rules place); ``Codec`` turns them back
+into the model's ``nnx.State`` inside the step. ``train_step`` is compiled twice: without and with
+per-depth statistics (the static ``collect_stats``), so ordinary steps pay nothing for them.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from normjax import norms, stats
+from normjax.treeutil import path_names
+
+Array = jax.Array
+
+
+class Codec:
+  """Plain dict <-> nnx.State for one fixed state layout (same leaves, same order)."""
+
+  def __init__(self, template: nnx.State):
+    self.state_def = jax.tree.structure(template)
+    pure = nnx.to_pure_dict(template)
+    self.pure_def = jax.tree.structure(pure)
+    state_paths = [path_names(p) for p, _ in jax.tree_util.tree_flatten_with_path(template)[0]]
+    pure_paths = [path_names(p) for p, _ in jax.tree_util.tree_flatten_with_path(pure)[0]]
+    if state_paths != pure_paths:
+      raise RuntimeError("nnx.State and its pure dict flatten in different orders")
+
+  def to_pure(self, state: nnx.State) -> dict[str, Any]:
+    return jax.tree.unflatten(self.pure_def, jax.tree.leaves(state))
+
+  def from_pure(self, pure: dict[str, Any]) -> nnx.State:
+    return jax.tree.unflatten(self.state_def, jax.tree.leaves(pure))
+
+
+def task_loss(logits: Array, batch: dict[str, Array]) -> tuple[Array, dict[str, Array]]:
+  """Next-byte cross-entropy (``targets``) or classification cross-entropy and accuracy (``labels``)."""
+  if "targets" in batch:
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"]).mean()
+    return loss, {}
+  loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"]).mean()
+  return loss, {"accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["labels"])}
+
+
+class Steps:
+  """Builds the step functions for one model layout and optimizer."""
+
+  def __init__(self, model: nnx.Module, tx: optax.GradientTransformation, lr_schedule: optax.Schedule):
+    self.graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    self.params_codec, self.rest_codec = Codec(params), Codec(rest)
+    self.tx, self.lr_schedule = tx, lr_schedule
+
+  def init_state(self, model: nnx.Module) -> dict[str, Any]:
+    _, params, rest = nnx.split(model, nnx.Param, ...)
+    params = self.params_codec.to_pure(params)
+    return {"step": jnp.zeros((), jnp.int32), "params": params,
+            "norm_state": self.rest_codec.to_pure(rest), "opt_state": self.tx.init(params)}
+
+  def model(self, params: dict[str, Any], norm_state: dict[str, Any]) -> nnx.Module:
+    return nnx.merge(self.graphdef, self.params_codec.from_pure(params),
+                     self.rest_codec.from_pure(norm_state))
+
+  def train_step(self, state: dict[str, Any], batch: dict[str, Array], *, collect_stats: bool
+                 ) -> tuple[dict[str, Any], dict[str, Any]]:
+    def loss_fn(params, norm_state):
+      model = self.model(params, norm_state)
+      logits, depth_stats = model(batch["inputs"], train=True, collect_stats=collect_stats)
+      loss, extra = task_loss(logits, batch)
+      new_rest = self.rest_codec.to_pure(nnx.state(model, nnx.Not(nnx.Param)))
+      return loss, (new_rest, depth_stats, extra)
+
+    (loss, (new_rest, depth_stats, extra)), (grads, rest_grads) = jax.value_and_grad(
+        loss_fn, argnums=(0, 1), has_aux=True)(state["params"], state["norm_state"])
+    # PowerNorm's backward pass advances its nu state through the state cotangent
+    new_rest = norms.power_norm_update_nu(new_rest, rest_grads)
+    updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
+               "lr": self.lr_schedule(state["step"]), **extra}
+    if collect_stats:
+      metrics["stats"] = depth_statistics(depth_stats, grads, state["params"])
+    new_state = {"step": state["step"] + 1, "params": params, "norm_state": new_rest,
+                 "opt_state": opt_state}
+    return new_state, metrics
+
+  def eval_step(self, state: dict[str, Any], batch: dict[str, Array]) -> dict[str, Array]:
+    logits, _ = self.model(state["params"], state["norm_state"])(batch["inputs"])
+    loss, extra = task_loss(logits, batch)
+    return {"loss": loss, **extra}
+
+
+def depth_statistics(depth_stats: dict[str, Array], grads: Any, params: Any) -> dict[str, Array]:
+  """The forward's per-layer statistics plus M3 (gradient norms), M7 (weight std) and M4 (angular)."""
+  out = {key: value for key, value in depth_stats.items() if key != "hidden"}
+  out["grad_norm"] = stats.layer_grad_norms(grads)
+  for path, value in stats.layer_weight_std(params).items():
+    out["w_std/" + "/".join(path.split("/")[-3:-1])] = value
+  out["angular_distance"] = stats.angular_distance(depth_stats["hidden"])
+  return out
+
+
+def jit_steps(steps: Steps, state_shardings: Any, batch_sharding: Any) -> dict[str, Any]:
+  """The two compiled train steps (plain / with statistics) and the eval step."""
+  compiled = {}
+  for collect in (False, True):
+    compiled[collect] = jax.jit(functools.partial(steps.train_step, collect_stats=collect),
+                                in_shardings=(state_shardings, batch_sharding),
+                                out_shardings=(state_shardings, None), donate_argnums=0)
+  compiled["eval"] = jax.jit(steps.eval_step, in_shardings=(state_shardings, batch_sharding))
+  return compiled

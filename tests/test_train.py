@@ -1,0 +1,204 @@
+"""The training loop end to end: workdir contents, resume after a real kill (bitwise), SIGTERM,
+1 vs 8 devices, golden partition specs, non-finite loss, bad configs failing before any JAX work."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from normjax.config import ConfigError
+from normjax.train import NonFiniteLoss, train
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+GOLDEN = ROOT / "tests" / "golden" / "llama_small_partition_specs.json"
+
+SMALL_LLAMA = {
+    "model.num_layers": 2, "model.d_model": 32, "model.num_heads": 2, "data.seq_len": 32,
+    "train.batch_size": 8, "train.steps": 20, "train.log_every": 1, "train.eval_every": 10,
+    "train.eval_steps": 2, "ckpt.every": 10, "stats.every": 5, "optim.warmup_steps": 2,
+    "mesh.num_devices": 1,
+}
+
+
+def load_config(path: str, overrides: dict, data_dir: pathlib.Path):
+  import importlib.util
+  name, _, arg = path.partition(":")
+  spec = importlib.util.spec_from_file_location("config_under_test", ROOT / name)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config(arg or None)
+  for key, value in {**overrides, "data.data_dir": str(data_dir)}.items():
+    *parents, field = key.split(".")
+    node = config
+    for parent in parents:
+      node = node[parent]
+    node[field] = value
+  return config
+
+
+def cli(path: str, overrides: dict, data_dir: pathlib.Path, workdir: pathlib.Path) -> list[str]:
+  args = [sys.executable, "-m", "normjax.train", f"--config={ROOT / path}", f"--workdir={workdir}",
+          f"--config.data.data_dir={data_dir}"]
+  return args + [f"--config.{key}={value}" for key, value in overrides.items()]
+
+
+def read_rows(path: pathlib.Path) -> list[dict]:
+  return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def train_losses(workdir: pathlib.Path) -> dict[int, float]:
+  return {row["step"]: row["train/loss"] for row in read_rows(workdir / "metrics.jsonl")
+          if "train/loss" in row}
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+  return tmp_path_factory.mktemp("tfds")
+
+
+def test_llama_run_leaves_everything_in_the_workdir(tmp_path, data_dir):
+  config = load_config("configs/llama.py:tiny", {**SMALL_LLAMA, "train.steps": 30,
+                                                  "optim.lr": 1e-2}, data_dir)
+  result = train(config, str(tmp_path))
+  losses = train_losses(tmp_path)
+  assert sorted(losses) == list(range(1, 31))
+  assert np.mean([losses[s] for s in range(26, 31)]) < losses[1] - 0.5, losses  # the loss falls
+  assert result["eval_loss"] < losses[1]
+  assert json.loads((tmp_path / "config.json").read_text())["model"]["norm"]["kind"] == "rms_norm"
+  stats_rows = read_rows(tmp_path / "stats.jsonl")
+  assert [row["step"] for row in stats_rows] == [1, 5, 10, 15, 20, 25, 30]
+  resid = np.load(tmp_path / "stats" / "mlp.resid_var.npy")
+  assert resid.shape == (7, 2)  # one row per logged step, one column per layer
+  np.testing.assert_allclose(resid[-1], stats_rows[-1]["mlp/resid_var"], rtol=1e-6)
+  assert np.load(tmp_path / "stats" / "angular_distance.npy").shape == (7, 3, 3)
+  assert np.load(tmp_path / "stats" / "grad_norm.npy").shape == (7, 2)
+  assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+  assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [10, 20, 30]
+  mask = json.loads((tmp_path / "weight_decay_mask.json").read_text())
+  assert mask["embed"] is True and mask["final_norm/scale"] is False
+
+
+def test_vit_run_on_local_images(tmp_path, data_dir):
+  config = load_config("configs/vit.py:tiny", {"train.steps": 20, "train.batch_size": 32,
+                                                "train.eval_every": 20, "stats.every": 10,
+                                                "mesh.num_devices": 1, "optim.warmup_steps": 2},
+                       data_dir)
+  result = train(config, str(tmp_path))
+  assert 0.0 <= result["eval_accuracy"] <= 1.0
+  rows = read_rows(tmp_path / "metrics.jsonl")
+  assert "train/accuracy" in rows[-2] or "train/accuracy" in rows[-1]
+  assert np.load(tmp_path / "stats" / "attn.attn_entropy.npy").shape == (3, 4)
+
+
+def test_resume_after_kill_is_bitwise_identical(tmp_path, data_dir):
+  straight, killed = tmp_path / "straight", tmp_path / "killed"
+  env = {**os.environ, "XLA_FLAGS": ""}
+  subprocess.run(cli("configs/llama.py:tiny", SMALL_LLAMA, data_dir, straight), check=True, env=env,
+                 capture_output=True)
+  process = subprocess.Popen(cli("configs/llama.py:tiny", SMALL_LLAMA, data_dir, killed), env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 240
+  while not (killed / "checkpoints" / "10").is_dir() or len(train_losses_or_empty(killed)) < 12:
+    assert process.poll() is None and time.time() < deadline, "the run ended before it could be killed"
+    time.sleep(0.05)
+  process.send_signal(signal.SIGKILL)
+  process.wait()
+  assert max(train_losses(killed)) < 20
+  resumed = subprocess.run(cli("configs/llama.py:tiny", SMALL_LLAMA, data_dir, killed), check=True,
+                           env=env, capture_output=True, text=True)
+  assert "resuming from step 10" in resumed.stdout
+  assert train_losses(killed) == train_losses(straight)  # bitwise: floats compared exactly
+  straight_stats = read_rows(straight / "stats.jsonl")
+  assert read_rows(killed / "stats.jsonl") == straight_stats
+
+
+def train_losses_or_empty(workdir: pathlib.Path) -> dict[int, float]:
+  try:
+    return train_losses(workdir)
+  except (FileNotFoundError, json.JSONDecodeError):
+    return {}
+
+
+def test_sigterm_saves_a_checkpoint_and_exits(tmp_path, data_dir):
+  overrides = {**SMALL_LLAMA, "train.steps": 10_000, "ckpt.every": 0, "train.eval_every": 0}
+  process = subprocess.Popen(cli("configs/llama.py:tiny", overrides, data_dir, tmp_path),
+                             env={**os.environ, "XLA_FLAGS": ""}, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 240
+  while len(train_losses_or_empty(tmp_path)) < 5:
+    assert process.poll() is None and time.time() < deadline
+    time.sleep(0.05)
+  process.send_signal(signal.SIGTERM)
+  out, err = process.communicate(timeout=120)
+  assert process.returncode == 0, err
+  saved = [int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
+  assert len(saved) == 1 and saved[0] >= 5
+  assert f"SIGTERM: checkpoint saved at step {saved[0]}" in out + err
+
+
+def test_eight_devices_match_one_and_golden_partition_specs(tmp_path, data_dir):
+  import jax
+  assert jax.device_count() == 8, "tests/conftest.py sets 8 fake CPU devices"
+  overrides = {**SMALL_LLAMA, "train.steps": 6, "stats.every": 3, "ckpt.every": 0,
+               "train.eval_every": 0, "model.num_heads": 4, "model.vocab_size": 256}
+  one = load_config("configs/llama.py:tiny", overrides, data_dir)
+  eight = load_config("configs/llama.py:tiny", {**overrides, "mesh.num_devices": 0, "mesh.data": 2,
+                                                 "mesh.fsdp": 2, "mesh.tensor": 2}, data_dir)
+  train(one, str(tmp_path / "one"))
+  train(eight, str(tmp_path / "eight"))
+  losses_one, losses_eight = train_losses(tmp_path / "one"), train_losses(tmp_path / "eight")
+  # different reduction orders across shards: agreement to float32 rounding, compounded over 6 steps
+  np.testing.assert_allclose([losses_eight[s] for s in range(1, 7)], [losses_one[s] for s in range(1, 7)],
+                             rtol=1e-5)
+  specs = json.loads((tmp_path / "eight" / "partition_specs.json").read_text())
+  assert specs == json.loads(GOLDEN.read_text()), "partition specs changed; regenerate the golden file"
+  assert specs["stack/blocks/attn/q/kernel"] == "P(None, 'fsdp', 'tensor')"
+
+
+def test_non_finite_loss_stops_with_step_checkpoint_and_stats(tmp_path, data_dir):
+  config = load_config("configs/llama.py:tiny", {**SMALL_LLAMA, "optim.lr": 1e6, "optim.clip_norm": 0.0,
+                                                  "optim.warmup_steps": 0, "ckpt.every": 1,
+                                                  "stats.every": 1, "train.steps": 50}, data_dir)
+  with pytest.raises(NonFiniteLoss) as info:
+    train(config, str(tmp_path))
+  message = str(info.value)
+  step = int(message.split(" at step ")[1].split(";")[0])
+  assert f"last good checkpoint: step {step - 1}" in message or "last good checkpoint: none" in message
+  assert f"last statistics: step {step}" in message
+  rows = read_rows(tmp_path / "metrics.jsonl")  # every row still parses
+  assert rows[-1]["step"] == step and not np.isfinite(rows[-1]["train/loss"])
+  saved = [int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
+  assert all(s < step for s in saved)
+
+
+@pytest.mark.parametrize("overrides,match", [
+    ({"model.norm.kind": "rms_nrom"}, r"Did you mean 'rms_norm'"),
+    ({"model.placement.kind": "sandwich"}, r"unknown placement 'sandwich'"),
+    ({"model.num_heads": 3}, r"model.num_heads=3 does not divide model.d_model=32"),
+    ({"mesh.data": 3, "mesh.fsdp": -1, "mesh.num_devices": 8}, r"mesh: .* do not divide the 8 devices"),
+    ({"mesh.data": 2, "mesh.fsdp": 2, "mesh.num_devices": 8}, r"mesh: data\*fsdp\*tensor"),
+    ({"train.batch_size": 6, "mesh.data": 4, "mesh.num_devices": 4}, r"train.batch_size=6 is not divisible"),
+    ({"data.name": "c4_local"}, r"data.name='c4_local'"),
+    ({"optim.lr": 0.0}, r"optim.lr=0.0 must be positive"),
+    ({"mesh.num_devices": 9}, r"mesh.num_devices=9 but 8 devices are visible"),
+])
+def test_bad_configs_fail_before_any_jax_work(tmp_path, data_dir, overrides, match):
+  config = load_config("configs/llama.py:tiny", {**SMALL_LLAMA, **overrides}, data_dir)
+  with pytest.raises(ConfigError, match=match):
+    train(config, str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()
+
+
+def test_cli_reports_config_errors(tmp_path, data_dir):
+  result = subprocess.run(cli("configs/llama.py:tiny", {"model.num_heads": 3}, data_dir, tmp_path),
+                          capture_output=True, text=True, env={**os.environ, "XLA_FLAGS": ""})
+  assert result.returncode == 2
+  assert "config error: model.num_heads=3 does not divide model.d_model=128" in result.stderr
