@@ -69,15 +69,16 @@ def test_every_placement_forward_gradient_scan_and_stats(name, placement, norm):
 
 
 @pytest.mark.parametrize("name", ["llama", "vit"])
-def test_scanned_and_unrolled_gradients_and_fast_attention_path(name):
+def test_scanned_and_unrolled_gradients_and_stats_leave_logits_unchanged(name):
   cfg = small(name, "mix", "layer_norm")
   x = inputs(name)
   _, logits, _, grads = loss_and_grads(build(cfg, seed=1), x)
   _, _, _, grads_u = loss_and_grads(build(cfg.replace(scan_layers=False), seed=1), x)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), grads, grads_u)
-  # without statistics attention runs through jax.nn.dot_product_attention: same logits
-  fast, _ = build(cfg, seed=1)(x)
-  np.testing.assert_allclose(fast, logits, rtol=1e-5, atol=1e-6)
+  # collecting statistics never changes the numerics of the forward pass
+  plain, _ = nnx.jit(lambda m, x: m(x))(build(cfg, seed=1), x)
+  with_stats, _ = nnx.jit(lambda m, x: m(x, collect_stats=True))(build(cfg, seed=1), x)
+  np.testing.assert_array_equal(plain, with_stats)
 
 
 @pytest.mark.parametrize("norm", ["batch_norm", "power_norm", "evonorm_b0", "batch_channel_norm"])

@@ -70,6 +70,9 @@ def test_llama_run_leaves_everything_in_the_workdir(tmp_path, data_dir):
   result = train(config, str(tmp_path))
   losses = train_losses(tmp_path)
   assert sorted(losses) == list(range(1, 31))
+  rows = read_rows(tmp_path / "metrics.jsonl")
+  assert {"train/lr", "train/grad_norm", "train/tokens_per_second"} <= set(rows[-2]) | set(rows[-1])
+  assert any("eval/loss" in row for row in rows)
   assert np.mean([losses[s] for s in range(26, 31)]) < losses[1] - 0.5, losses  # the loss falls
   assert result["eval_loss"] < losses[1]
   assert json.loads((tmp_path / "config.json").read_text())["model"]["norm"]["kind"] == "rms_norm"
@@ -95,6 +98,7 @@ def test_vit_run_on_local_images(tmp_path, data_dir):
   assert 0.0 <= result["eval_accuracy"] <= 1.0
   rows = read_rows(tmp_path / "metrics.jsonl")
   assert "train/accuracy" in rows[-2] or "train/accuracy" in rows[-1]
+  assert any("train/images_per_second" in row for row in rows)
   assert np.load(tmp_path / "stats" / "attn.attn_entropy.npy").shape == (3, 4)
 
 

@@ -62,30 +62,27 @@ def rope(x: Array, theta: float) -> Array:
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x.dtype)
 
 
-def attention_with_entropy(q: Array, k: Array, v: Array, causal: bool) -> tuple[Array, Array]:
-  """Explicit softmax attention that also returns the mean entropy over batch, heads and queries.
+def attention_entropy(q: Array, k: Array, causal: bool) -> Array:
+  """Mean entropy of the attention distributions over batch, heads and queries (float32 scalar).
 
-  Used only on statistics steps; equals ``jax.nn.dot_product_attention`` up to rounding.
-  ``q: [B, T, H, hd]``, ``k, v: [B, S, KV, hd]`` -> ``([B, T, H, hd], scalar)``.
+  Only on statistics steps; the attention output itself always comes from
+  ``jax.nn.dot_product_attention``, so collecting statistics never changes the training numerics.
+  ``q: [B, T, H, hd]``, ``k: [B, S, KV, hd]``.
   """
-  groups = q.shape[2] // k.shape[2]
-  k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
+  k = jnp.repeat(k, q.shape[2] // k.shape[2], axis=2)
   logits = jnp.einsum("bthd,bshd->bhts", q.astype(jnp.float32), k.astype(jnp.float32))
   logits = logits / jnp.sqrt(jnp.float32(q.shape[-1]))
   if causal:
-    mask = jnp.tril(jnp.ones((q.shape[1], k.shape[1]), bool))
-    logits = jnp.where(mask, logits, -jnp.inf)
+    logits = jnp.where(jnp.tril(jnp.ones((q.shape[1], k.shape[1]), bool)), logits, -jnp.inf)
   log_probs = jax.nn.log_softmax(logits, -1)
   probs = jnp.exp(log_probs)
-  entropy = -jnp.sum(jnp.where(probs > 0, probs * log_probs, 0.0), -1)
-  out = jnp.einsum("bhts,bshd->bthd", probs, v.astype(jnp.float32)).astype(q.dtype)
-  return out, jnp.mean(entropy)
+  return jnp.mean(-jnp.sum(jnp.where(probs > 0, probs * log_probs, 0.0), -1))
 
 
 class Attention(nnx.Module):
   """Multi-head attention with optional grouped-query heads and RoPE; ``[B, T, w] -> [B, T, w]``.
 
-  ``w`` is the stored residual width (d, or d-1 for compressed models). Without statistics it calls
+  ``w`` is the stored residual width (d, or d-1 for compressed models). Attention runs through
   ``jax.nn.dot_product_attention`` (the cuDNN path on GPU).
   """
 
@@ -110,11 +107,8 @@ class Attention(nnx.Module):
     v = self.v(x, train=train).reshape(b, t, kv, hd)
     if self.rope_theta is not None:
       q, k = rope(q, self.rope_theta), rope(k, self.rope_theta)
-    if collect_stats:
-      out, entropy = attention_with_entropy(q, k, v, self.causal)
-      aux = {"attn_entropy": entropy}
-    else:
-      out, aux = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal), {}
+    out = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal)
+    aux = {"attn_entropy": attention_entropy(q, k, self.causal)} if collect_stats else {}
     return self.o(out.reshape(b, t, heads * hd), train=train), aux
 
 

@@ -60,6 +60,7 @@ def train(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
   train_data = data.load(config.data, "train", batch_size)
   val_data = data.load(config.data, "validation", batch_size)
   items_per_step = batch_size * (config.data.seq_len if info["kind"] == "text" else 1)
+  throughput_key = "tokens_per_second" if info["kind"] == "text" else "images_per_second"
   # ---------------------------------------------------------------- model, optimizer, sharding
   mesh = mesh_lib.make_mesh(sizes, jax.devices()[:math.prod(sizes.values())])
   model = models.build(model_cfg, seed=config.seed)
@@ -94,7 +95,8 @@ def train(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
 
   def save(step: int, force: bool = False) -> None:
     manager.save(step, force=force, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave({"step": step, "workdir": str(workdir)})))
+        state=ocp.args.StandardSave(state),
+        meta=ocp.args.JsonSave({"step": step, "config": json.loads(config.to_json_best_effort())})))
 
   def process(step: int, metrics: dict[str, Any]) -> None:
     host = jax.device_get(metrics)
@@ -114,7 +116,7 @@ def train(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
     bar.set_postfix(loss=f"{loss:.4f}")
     if step % config.train.log_every == 0 or step == total:
       now = time.perf_counter()
-      host["items_per_second"] = items_per_step * (step - last["step"]) / (now - last["time"])
+      host[throughput_key] = items_per_step * (step - last["step"]) / (now - last["time"])
       last["time"], last["step"] = now, step
       writer.metrics(step, host)
 
