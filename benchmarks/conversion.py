@@ -3,8 +3,9 @@
     python benchmarks/conversion.py                 # LLaMA and ViT, default sizes
     python benchmarks/conversion.py --d_model=512 --repeats=50
 
-Prints median milliseconds (after one warm-up call) of the three norms alone on ``[batch*seq, d]``
-and of each jitted model forward, with each time as a ratio of the LayerNorm one (below 1 = faster). The conversions are exact (tests check the
+Prints median milliseconds (after one warm-up call; the three variants alternate call by call) of
+the three norms alone on ``[batch*seq, d]`` and of each jitted model forward, with each time as a
+ratio of the LayerNorm one (below 1 = faster). The conversions are exact (tests check the
 logits), so any difference is the cost of the norm itself: RMSNorm skips the mean, CRMSNorm also
 moves d-1 instead of d features.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -23,14 +25,22 @@ from normjax import convert, norms
 from normjax.models import ModelConfig, NormConfig, build
 
 
-def median_ms(fn, *args, repeats: int) -> float:
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
+def interleaved_ms(cases: list[tuple[Any, tuple[Any, ...]]], repeats: int) -> list[float]:
+  """Median ms per case; the cases alternate call by call, so machine drift hits them equally."""
+  for fn, args in cases:
     jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return 1e3 * float(np.median(times))
+  times = [[] for _ in cases]
+  for _ in range(repeats):
+    for i, (fn, args) in enumerate(cases):
+      start = time.perf_counter()
+      jax.block_until_ready(fn(*args))
+      times[i].append(time.perf_counter() - start)
+  return [1e3 * float(np.median(t)) for t in times]
+
+
+def print_rows(group: str, labels: list[str], ms: list[float]) -> None:
+  for label, value in zip(labels, ms):
+    print(f"{group:<8}{label:<12}{value:>9.3f}{value / ms[0]:>8.3f}")
 
 
 def norms_alone(rows: int, d: int, repeats: int) -> None:
@@ -38,13 +48,10 @@ def norms_alone(rows: int, d: int, repeats: int) -> None:
   x = jax.random.normal(jax.random.key(0), (rows, d))
   xc = x[:, :-1] - x[:, -1:] / (d - 1)
   gain, bias = jnp.ones(d), jnp.zeros(d)
-  cases = (("layer_norm", jax.jit(lambda x: norms.layer_norm(x, gain, bias)), x),
-           ("rms_norm", jax.jit(norms.rms_norm), x), ("crms_norm", jax.jit(norms.crms_norm), xc))
-  base = None
-  for label, fn, arg in cases:
-    ms = median_ms(fn, arg, repeats=repeats)
-    base = base or ms
-    print(f"{'norm op':<8}{label:<12}{ms:>9.3f}{ms / base:>8.3f}")
+  labels = ["layer_norm", "rms_norm", "crms_norm"]
+  cases = [(jax.jit(lambda x: norms.layer_norm(x, gain, bias)), (x,)), (jax.jit(norms.rms_norm), (x,)),
+           (jax.jit(norms.crms_norm), (xc,))]
+  print_rows("norm op", labels, interleaved_ms(cases, repeats))
 
 
 def main() -> None:
@@ -69,11 +76,8 @@ def main() -> None:
     ln = build(cfg)
     rms = convert.to_rms(ln)
     crms = convert.to_crms(rms)
-    base = None
-    for label, model in (("layer_norm", ln), ("rms_norm", rms), ("crms_norm", crms)):
-      ms = median_ms(forward, model, x, repeats=args.repeats)
-      base = base or ms
-      print(f"{name:<8}{label:<12}{ms:>9.2f}{ms / base:>8.3f}")
+    ms = interleaved_ms([(forward, (model, x)) for model in (ln, rms, crms)], args.repeats)
+    print_rows(name, ["layer_norm", "rms_norm", "crms_norm"], ms)
 
 
 if __name__ == "__main__":

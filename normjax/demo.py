@@ -7,8 +7,8 @@ The data is scikit-learn's bundled handwritten digits (1797 real 8x8 images, no 
 image is read as a sequence of 8 row-tokens of 8 pixels; a learned position embedding, pre-norm
 residual MLP blocks, a final norm, mean pooling and a linear head classify it. Every norm is a
 ``normjax.nn.nnx.Norm`` of the chosen kind, so this is also the smallest example of dropping the
-norms into a model, stateful ones (batch_norm, power_norm) included. It stands in for the main job
-until the config-driven training loop lands.
+norms into a model, stateful ones (batch_norm, power_norm) included. The full, config-driven
+training loop is ``python -m normjax.train``.
 """
 
 from __future__ import annotations
