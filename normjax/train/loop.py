@@ -89,7 +89,7 @@ def train(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
   _describe(workdir_path, model_cfg, info, sizes, specs, decay, start)
   # ---------------------------------------------------------------- loop
   preempted = []
-  signal.signal(signal.SIGTERM, lambda *_: preempted.append(True))
+  previous_handler = signal.signal(signal.SIGTERM, lambda *_: preempted.append(True))
   bar = tqdm.tqdm(total=total, initial=start, desc="train", dynamic_ncols=True)
   last = {"time": time.perf_counter(), "step": start, "loss": math.nan, "eval": {}}
 
@@ -150,14 +150,18 @@ def train(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
       if preempted:
         bar.write(f"SIGTERM: checkpoint saved at step {step} in {ckpt_dir}; exiting")
         break
+    if start >= total:  # resumed a finished run: report its evaluation again
+      last["eval"] = evaluate(compiled["eval"], state, val_data, config.train.eval_steps, batch_sharding)
   finally:
+    signal.signal(signal.SIGTERM, previous_handler)
     bar.close()
     manager.wait_until_finished()
     manager.close()
     writer.close()
-  eval_text = ", ".join(f"eval {k} {v:.4f}" for k, v in last["eval"].items())
-  print(f"done: step {last['step'] if preempted else total}/{total}, train loss {last['loss']:.4f}"
-        f"{', ' + eval_text if eval_text else ''}; workdir: {workdir_path.absolute()}")
+  parts = [f"train loss {last['loss']:.4f}" if math.isfinite(last["loss"]) else "no new steps"]
+  parts += [f"eval {k} {v:.4f}" for k, v in last["eval"].items()]
+  print(f"done: step {last['step'] if preempted else total}/{total}, {', '.join(parts)}; "
+        f"workdir: {workdir_path.absolute()}")
   return {"train_loss": last["loss"], **{f"eval_{k}": v for k, v in last["eval"].items()}}
 
 
