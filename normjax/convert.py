@@ -29,7 +29,7 @@ from normjax.models.config import ModelConfig, NormConfig
 
 READERS = {"llama": {"attn": ("q", "k", "v"), "mlp": ("gate", "up")},
            "vit": {"attn": ("q", "k", "v"), "mlp": ("fc1",)}}
-WRITERS = {"llama": ("o", "down"), "vit": ("o", "fc2")}
+WRITERS = {"llama": {"attn": ("o",), "mlp": ("down",)}, "vit": {"attn": ("o",), "mlp": ("fc2",)}}
 CONVERTIBLE_PLACEMENTS = ("pre", "lns")
 
 
@@ -101,9 +101,9 @@ def to_rms(model: nnx.Module) -> nnx.Module:
     norm = blocks.pop(f"{sublayer}_norm_in", {})
     blocks[sublayer] = {**blocks[sublayer],
                         **{name: _fold(norm, blocks[sublayer][name]) for name in readers}}
-  for name in WRITERS[cfg.name]:
-    sublayer = "attn" if name == "o" else "mlp"
-    blocks[sublayer] = {**blocks[sublayer], name: _centre_dense(blocks[sublayer][name])}
+  for sublayer, writers in WRITERS[cfg.name].items():
+    blocks[sublayer] = {**blocks[sublayer],
+                        **{name: _centre_dense(blocks[sublayer][name]) for name in writers}}
   out = {"stack": {"blocks": blocks}}
   final = p.get("final_norm", {})
   if cfg.name == "llama":
@@ -155,9 +155,9 @@ def to_crms(model: nnx.Module, *, atol: float = 1e-5) -> nnx.Module:
   for sublayer, readers in READERS[cfg.name].items():
     for name in readers:
       blocks[sublayer][name] = _compress_reader(blocks[sublayer][name])
-  for name in WRITERS[cfg.name]:
-    sublayer = "attn" if name == "o" else "mlp"
-    blocks[sublayer][name] = _compress_writer(blocks[sublayer][name])
+  for sublayer, writers in WRITERS[cfg.name].items():
+    for name in writers:
+      blocks[sublayer][name] = _compress_writer(blocks[sublayer][name])
   out = {"stack": {"blocks": blocks}, "head": _compress_reader(p["head"])}
   if cfg.name == "llama":
     out["embed"] = p["embed"][:, :-1]

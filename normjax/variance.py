@@ -55,19 +55,21 @@ class TVRConfig:
   per_layer_target: bool = False  # target sigma_t / sqrt(l) instead of sigma_t
 
 
-def tvr_rescale(params: Any, config: TVRConfig = TVRConfig()) -> tuple[Any, dict[str, jax.Array]]:
+def tvr_rescale(params: Any, config: TVRConfig = TVRConfig()) -> tuple[Any, dict[str, dict[str, jax.Array]]]:
   """Rescales every stacked block kernel ``[L, ..., in, out]`` whose per-layer std is too large.
 
   For each layer l of each kernel under ``blocks``: if std / target > threshold then
   ``W <- (W - mean) / std * target + mean`` and the kernel's bias (if any) is zeroed. Mean and std
   are over the whole per-layer matrix (global under GSPMD). Embeddings, heads and norms are
   untouched. Call it outside ``grad`` every ``config.every`` steps. Returns the new params (same
-  structure) and ``{kernel path: std before rescaling [L]}`` for logging.
+  structure) and, for logging, ``{"std": {kernel path: std before rescaling [L]},
+  "rescaled": {kernel path: bool [L]}}``.
   """
   leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
   names = [path_names(path) for path, _ in leaves]
   values = [leaf for _, leaf in leaves]
-  report, rescaled_layers = {}, {}
+  report = {"std": {}, "rescaled": {}}
+  rescaled_layers = {}
   for i, (name, w) in enumerate(zip(names, values)):
     if "blocks" not in name or name[-1] != "kernel" or w.ndim < 3:
       continue
@@ -81,8 +83,8 @@ def tvr_rescale(params: Any, config: TVRConfig = TVRConfig()) -> tuple[Any, dict
       target = target * jax.lax.rsqrt(layers)
     rescale = std / target > config.threshold
     values[i] = jnp.where(rescale, (wf - mean) / std * target + mean, wf).astype(w.dtype)
-    report["/".join(name)] = std.reshape(-1)
-    rescaled_layers[name[:-1]] = rescale.reshape(-1)
+    report["std"]["/".join(name)] = std.reshape(-1)
+    report["rescaled"]["/".join(name)] = rescaled_layers[name[:-1]] = rescale.reshape(-1)
   for i, name in enumerate(names):
     if name[-1] == "bias" and name[:-1] in rescaled_layers:
       mask = rescaled_layers[name[:-1]].reshape((-1,) + (1,) * (values[i].ndim - 1))

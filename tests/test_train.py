@@ -102,6 +102,16 @@ def test_vit_run_on_local_images(tmp_path, data_dir):
   assert np.load(tmp_path / "stats" / "attn.attn_entropy.npy").shape == (3, 4)
 
 
+def test_tvr_hook_rescales_every_k_steps(tmp_path, data_dir):
+  """A 0.001 target is below every init-0.02 kernel: all 7 kernels x 2 layers rescale at steps 5, 10."""
+  config = load_config("configs/llama.py:tiny", {**SMALL_LLAMA, "train.steps": 10, "tvr.enabled": True,
+                                                  "tvr.every": 5, "tvr.target_std": 0.001,
+                                                  "ckpt.every": 0, "train.eval_every": 0}, data_dir)
+  train(config, str(tmp_path))
+  rows = [row for row in read_rows(tmp_path / "metrics.jsonl") if "tvr/rescaled" in row]
+  assert [(row["step"], row["tvr/rescaled"]) for row in rows] == [(5, 14), (10, 14)]
+
+
 def test_resume_after_kill_is_bitwise_identical(tmp_path, data_dir):
   straight, killed = tmp_path / "straight", tmp_path / "killed"
   env = {**os.environ, "XLA_FLAGS": ""}

@@ -60,7 +60,8 @@ def test_tvr_rescales_only_kernels_over_threshold():
   np.testing.assert_array_equal(bias[[0, 2]], 1.0)
   for name in ("patch_embed", "head", "position"):
     jax.tree.map(np.testing.assert_array_equal, after[name], before[name])
-  np.testing.assert_allclose(report["stack/blocks/attn/q/kernel"][1], np.std(old_kernel[1]), rtol=1e-5)
+  np.testing.assert_allclose(report["std"]["stack/blocks/attn/q/kernel"][1], np.std(old_kernel[1]), rtol=1e-5)
+  np.testing.assert_array_equal(report["rescaled"]["stack/blocks/attn/q/kernel"], [False, True, False])
   # the README/headline target 0.01 rescales every init-0.02 kernel; per-layer targets shrink as 1/sqrt(l)
   new, _ = variance.tvr_rescale(params, variance.TVRConfig(per_layer_target=True))
   fc1 = nnx.to_pure_dict(new)["stack"]["blocks"]["mlp"]["fc1"]["kernel"]

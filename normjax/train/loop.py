@@ -134,17 +134,16 @@ def train(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
       if config.tvr.enabled and step % config.tvr.every == 0:
         params, report = tvr(state["params"])
         state = {**state, "params": params}
-        writer.metrics(step, {"rescaled": sum(int(np.sum(np.asarray(s) / tvr_config.target_std
-                                                         > tvr_config.threshold))
-                                              for s in report.values())}, prefix="tvr")
-      boundary = step == total or preempted
-      if boundary or (config.ckpt.every and step % config.ckpt.every == 0) or (
-          config.train.eval_every and step % config.train.eval_every == 0):
-        process(*pending)
+        writer.metrics(step, {"rescaled": sum(int(np.sum(r)) for r in report["rescaled"].values())},
+                       prefix="tvr")
+      save_now = step == total or bool(preempted) or bool(config.ckpt.every and step % config.ckpt.every == 0)
+      eval_now = step == total or bool(config.train.eval_every and step % config.train.eval_every == 0)
+      if save_now or eval_now:
+        process(*pending)  # a checkpoint or evaluation only follows a step whose loss was checked
         pending = None
-        if boundary or (config.ckpt.every and step % config.ckpt.every == 0):
+        if save_now:
           save(step, force=bool(preempted))
-        if step == total or (config.train.eval_every and step % config.train.eval_every == 0):
+        if eval_now:
           last["eval"] = evaluate(compiled["eval"], state, val_data, config.train.eval_steps, batch_sharding)
           writer.metrics(step, last["eval"], prefix="eval")
       if preempted:
