@@ -7,7 +7,7 @@ Launch:
       --config.train.steps=100 --workdir=runs/dyt
 
 Argument keys: variant (tiny, 20m, 60m, 130m, 350m, 1b), norm, placement, depth (0 = the variant's),
-init, dtype, steps (0 = the variant's).
+init, dtype, steps (0 = the variant's), impl (norm kernels: auto, xla, pallas).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ VARIANTS = {
 
 def get_config(arg: str | None = None) -> mlc.ConfigDict:
   arg = common.parse_arg(arg, variant="tiny", norm="rms_norm", placement="pre", depth=0, init="normal",
-                         dtype="float32", steps=0)
+                         dtype="float32", steps=0, impl="auto")
   if arg.variant not in VARIANTS:
     raise ValueError(f"variant={arg.variant!r} is unknown; choose one of {list(VARIANTS)}")
   layers, width, heads, seq_len, batch, steps, lr, warmup = VARIANTS[arg.variant]
@@ -44,7 +44,9 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
       mlp_dim=0,  # SwiGLU hidden width (0 = 8d/3 rounded up to 16)
       vocab_size=256,  # bytes
       tie_embeddings=False,  # head reuses the token embedding
-      norm=dict(kind=arg.norm, options={}),  # normjax.norms.names() and that kind's options
+      norm=dict(kind=arg.norm,  # normjax.norms.names()
+                options={},  # that kind's options (eps, casting, ...)
+                impl=arg.impl),  # xla, pallas (fused kernels), triton, auto (measured fastest)
       placement=dict(kind=arg.placement,  # normjax.placements.names()
                      final_norm=True,  # norm before the head
                      embed_norm=False,  # norm after the embedding (Peri-LN option)
@@ -56,6 +58,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
       param_dtype="float32",  # parameter dtype
       scan_layers=True,  # nnx.scan over depth (False: unrolled)
       remat="none",  # none, full, dots
+      zero_mean_writers=False,  # W - mean_out(W) for residual writers (LN == RMSNorm exactly)
   ))
   c.data = mlc.ConfigDict(dict(
       name="stdlib_bytes",  # stdlib_bytes, text_files, or a prepared TFDS dataset name

@@ -4,7 +4,7 @@ Launch:
   python -m normjax.train --config=configs/vit.py:tiny --workdir=runs/vit_tiny
   python -m normjax.train --config=configs/vit.py:s16,norm=layer_norm,placement=peri --workdir=runs/s16
 
-Argument keys: variant (tiny, s16, b16), norm, placement, depth, init, dtype, steps. image_size,
+Argument keys: variant (tiny, s16, b16), norm, placement, depth, init, dtype, steps, impl. image_size,
 channels and num_classes of 0 are read from the dataset; patch_size 0 makes a 4x4 patch grid.
 """
 
@@ -24,7 +24,7 @@ VARIANTS = {
 
 def get_config(arg: str | None = None) -> mlc.ConfigDict:
   arg = common.parse_arg(arg, variant="tiny", norm="layer_norm", placement="pre", depth=0,
-                         init="normal", dtype="float32", steps=0)
+                         init="normal", dtype="float32", steps=0, impl="auto")
   if arg.variant not in VARIANTS:
     raise ValueError(f"variant={arg.variant!r} is unknown; choose one of {list(VARIANTS)}")
   layers, width, heads, patch, batch, steps, lr, warmup = VARIANTS[arg.variant]
@@ -41,7 +41,9 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
       channels=0,  # input channels (0 = from the dataset)
       num_classes=0,  # classes (0 = from the dataset)
       pool="cls",  # cls token or mean pooling
-      norm=dict(kind=arg.norm, options={}),  # normjax.norms.names() and that kind's options
+      norm=dict(kind=arg.norm,  # normjax.norms.names()
+                options={},  # that kind's options (eps, casting, ...)
+                impl=arg.impl),  # xla, pallas (fused kernels), triton, auto (measured fastest)
       placement=dict(kind=arg.placement, final_norm=True, embed_norm=False, mix_alpha=0.25,
                      deepnorm_alpha=0.0),  # see configs/llama.py
       init=dict(scheme=arg.init, std=0.02),  # normal, lir, scaled, deepnorm
@@ -49,6 +51,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
       param_dtype="float32",  # parameter dtype
       scan_layers=True,  # nnx.scan over depth
       remat="none",  # none, full, dots
+      zero_mean_writers=False,  # W - mean_out(W) for residual writers (LN == RMSNorm exactly)
   ))
   c.data = mlc.ConfigDict(dict(
       name="auto_images",  # auto_images, fashion_mnist_deb, sklearn_digits, or a prepared TFDS name

@@ -5,7 +5,10 @@ any JAX computation or dataset build.
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import pathlib
+from collections.abc import Mapping
 from typing import Any
 
 import ml_collections as mlc
@@ -50,6 +53,32 @@ def parse_arg(arg: str | None, **defaults: Any) -> mlc.ConfigDict:
     kind = type(defaults[key])
     result[key] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
   return result
+
+
+def load(spec: str, overrides: Mapping[str, Any] | None = None) -> mlc.ConfigDict:
+  """``load("configs/llama.py:tiny,norm=ln", {"train.steps": 50})``: a config file's ``get_config(arg)``
+  with dotted-key overrides (as ``--config.train.steps=50`` would set them); relative paths are
+  resolved from the current directory, then from the repository root."""
+  path, _, arg = spec.partition(":")
+  file = pathlib.Path(path)
+  if not file.exists():
+    file = pathlib.Path(__file__).resolve().parents[1] / path
+  if not file.exists():
+    raise FileNotFoundError(f"config file {path!r} not found (from {spec!r})")
+  module_spec = importlib.util.spec_from_file_location(f"normjax_config_{file.stem}", file)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  config = module.get_config(arg or None)
+  for key, value in (overrides or {}).items():
+    *parents, field = key.split(".")
+    node = config
+    for parent in parents:
+      node = node[parent]
+    if field not in node:
+      raise ConfigError(f"{key} is not a config field; fields of {'.'.join(parents) or 'the config'}: "
+                        f"{sorted(node.keys())}")
+    node[field] = value
+  return config
 
 
 def train_sections(c: mlc.ConfigDict, *, steps: int, batch_size: int, lr: float, warmup: int) -> None:

@@ -164,3 +164,41 @@ def test_mix_uses_post_then_pre():
   np.testing.assert_allclose(stats["mlp/resid_var"][0], 1.0, atol=1e-3)
   assert float(stats["mlp/resid_var"][1]) > 1.05
   assert float(stats["mlp/resid_var"][2]) > float(stats["mlp/resid_var"][1])
+
+
+@pytest.mark.parametrize("name,placement,norm", [("llama", "lns", "rms_norm"), ("vit", "peri", "layer_norm")])
+def test_pallas_kernels_in_the_model_match_xla(name, placement, norm):
+  """model.norm.impl='pallas' (interpret mode on CPU) changes no loss, logit or gradient."""
+  x = inputs(name)
+  results = [loss_and_grads(build(small(name, placement, NormConfig(norm, impl=impl)), seed=1), x)
+             for impl in ("xla", "pallas")]
+  (loss, logits, _, grads), (loss_p, logits_p, _, grads_p) = results
+  np.testing.assert_allclose(loss_p, loss, rtol=1e-5)
+  np.testing.assert_allclose(logits_p, logits, rtol=1e-5, atol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), grads_p, grads)
+
+
+def test_norm_impl_is_validated():
+  with pytest.raises(ValueError, match=r"model.norm.impl='cuda' is not valid; choose one of \['xla'"):
+    small("llama", norm=NormConfig("rms_norm", impl="cuda")).validate()
+  with pytest.raises(ValueError, match=r"model.norm.impl='pallas' needs a kind with a fused kernel"):
+    small("llama", norm=NormConfig("dyt", impl="pallas")).validate()
+
+
+@pytest.mark.parametrize("name", ["llama", "vit"])
+def test_zero_mean_writers_make_layer_norm_and_rms_norm_one_function(name):
+  """With W - mean_out(W) writers the stream has zero mean for ANY parameters: LN == RMSNorm, so the
+  two models share logits AND gradients, and therefore whole training trajectories."""
+  x = inputs(name)
+  norm = lambda kind: NormConfig(kind, options={"use_bias": False})
+  results = {}
+  for centred in (True, False):
+    ln, rms = (build(small(name, "pre", norm(kind), zero_mean_writers=centred, dense_bias=True), seed=3)
+               for kind in ("layer_norm", "rms_norm"))
+    results[centred] = (loss_and_grads(ln, x), loss_and_grads(rms, x))
+  (loss_ln, logits_ln, stats_ln, grads_ln), (loss_rms, logits_rms, _, grads_rms) = results[True]
+  np.testing.assert_allclose(logits_rms, logits_ln, rtol=1e-4, atol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-6), grads_rms, grads_ln)
+  assert np.abs(stats_ln["hidden"].mean(-1)).max() < 1e-5  # every residual vector has zero mean
+  (_, uncentred_ln, _, _), (_, uncentred_rms, _, _) = results[False]
+  assert np.abs(uncentred_ln - uncentred_rms).max() > 1e-3  # the claim needs the centring

@@ -14,6 +14,7 @@ import time
 import numpy as np
 import pytest
 
+from normjax import config as common
 from normjax.config import ConfigError
 from normjax.train import NonFiniteLoss, train
 
@@ -29,19 +30,7 @@ SMALL_LLAMA = {
 
 
 def load_config(path: str, overrides: dict, data_dir: pathlib.Path):
-  import importlib.util
-  name, _, arg = path.partition(":")
-  spec = importlib.util.spec_from_file_location("config_under_test", ROOT / name)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config(arg or None)
-  for key, value in {**overrides, "data.data_dir": str(data_dir)}.items():
-    *parents, field = key.split(".")
-    node = config
-    for parent in parents:
-      node = node[parent]
-    node[field] = value
-  return config
+  return common.load(str(ROOT / path), {**overrides, "data.data_dir": str(data_dir)})
 
 
 def cli(path: str, overrides: dict, data_dir: pathlib.Path, workdir: pathlib.Path) -> list[str]:
@@ -166,12 +155,19 @@ def test_eight_devices_match_one_and_golden_partition_specs(tmp_path, data_dir):
   one = load_config("configs/llama.py:tiny", overrides, data_dir)
   eight = load_config("configs/llama.py:tiny", {**overrides, "mesh.num_devices": 0, "mesh.data": 2,
                                                  "mesh.fsdp": 2, "mesh.tensor": 2}, data_dir)
+  # the fused norm kernels (interpret mode here) run per shard in shard_map under the loop's mesh
+  eight_pallas = load_config("configs/llama.py:tiny", {**overrides, "mesh.num_devices": 0, "mesh.data": 2,
+                                                        "mesh.fsdp": 2, "mesh.tensor": 2,
+                                                        "model.norm.impl": "pallas"}, data_dir)
   train(one, str(tmp_path / "one"))
   train(eight, str(tmp_path / "eight"))
-  losses_one, losses_eight = train_losses(tmp_path / "one"), train_losses(tmp_path / "eight")
+  train(eight_pallas, str(tmp_path / "eight_pallas"))
+  losses_one = train_losses(tmp_path / "one")
   # different reduction orders across shards: agreement to float32 rounding, compounded over 6 steps
-  np.testing.assert_allclose([losses_eight[s] for s in range(1, 7)], [losses_one[s] for s in range(1, 7)],
-                             rtol=1e-5)
+  for run in ("eight", "eight_pallas"):
+    losses = train_losses(tmp_path / run)
+    np.testing.assert_allclose([losses[s] for s in range(1, 7)], [losses_one[s] for s in range(1, 7)],
+                               rtol=1e-5, err_msg=run)
   specs = json.loads((tmp_path / "eight" / "partition_specs.json").read_text())
   assert specs == json.loads(GOLDEN.read_text()), "partition specs changed; regenerate the golden file"
   assert specs["stack/blocks/attn/q/kernel"] == "P(None, 'fsdp', 'tensor')"

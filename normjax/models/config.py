@@ -13,6 +13,7 @@ from typing import Any
 
 import jax
 
+import pallas_kernels
 from normjax import norms
 
 MODEL_NAMES = ("llama", "vit")
@@ -31,6 +32,9 @@ BATCH_STAT_NORMS = ("batch_norm", "batch_channel_norm", "power_norm", "evonorm_b
 class NormConfig:
   kind: str = "rms_norm"  # registry name or alias (normjax.norms.names())
   options: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # the kind's options (eps, ...)
+  # layer_norm/rms_norm/crms_norm: "xla", "pallas" (fused kernels), "triton", or "auto" (the kernel
+  # only where benchmarks/kernels.py measured it faster than XLA on this device; XLA on CPU).
+  impl: str = "auto"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +70,9 @@ class ModelConfig:
   num_classes: int = 10  # vit: classes
   pool: str = "cls"  # vit: "cls" token or "mean" of patch tokens
   compressed: bool = False  # residual stream stores d-1 coordinates (Pre-CRMSNorm models)
+  # Writers to the residual stream (embedding output, attention o, MLP down/fc2) use W - mean_out(W):
+  # the stream has zero mean for ANY parameters, so layer_norm == rms_norm exactly, in training too.
+  zero_mean_writers: bool = False
   norm: NormConfig = NormConfig()
   placement: PlacementConfig = PlacementConfig()
   init: InitConfig = InitConfig()
@@ -154,6 +161,11 @@ class ModelConfig:
       spec.options(**self.norm.options)
     except ValueError as error:
       raise ValueError(f"model.norm: {error}") from None
+    choice("model.norm.impl", self.norm.impl, pallas_kernels.IMPLS)
+    if self.norm.impl not in ("auto", "xla") and "impl" not in spec.defaults:
+      raise ValueError(f"model.norm.impl={self.norm.impl!r} needs a kind with a fused kernel "
+                       f"(layer_norm, rms_norm, crms_norm); model.norm.kind={self.norm.kind!r} has "
+                       "only the XLA implementation: use impl='auto' or 'xla'")
     placement = placements.get(self.placement.kind)
     placement.check(self, spec)
     if self.name == "llama" and spec.name in BATCH_STAT_NORMS and placement.norm_slots:

@@ -33,23 +33,30 @@ class Dense(nnx.Module):
   """``[..., in] -> [..., out]``; kernel ``[in, out]`` with logical axes ``axes``.
 
   ``weight_norm`` names a weight-space norm kind (sigma_reparam, weight_standardize) applied to the
-  kernel on every call; its parameters and state live in ``self.weight_norm``.
+  kernel on every call; its parameters and state live in ``self.weight_norm``. ``center_output``
+  uses ``W - mean_out(W)`` (and a centred bias), so every output vector has zero mean: the
+  Pre-RMSNorm paper's training parameterization of residual writers.
   """
 
   def __init__(self, in_features: int, out_features: int, axes: tuple[str | None, str | None], *,
                std: Any, use_bias: bool, dtype: Any, param_dtype: Any, rngs: nnx.Rngs,
-               weight_norm: str | None = None):
+               weight_norm: str | None = None, center_output: bool = False):
     self.kernel = param(rngs, (in_features, out_features), std, param_dtype, axes)
     self.bias = param(None, (out_features,), 0.0, param_dtype, axes[1:], zeros=True) if use_bias else None
     self.weight_norm = Norm(weight_norm, self.kernel[...]) if weight_norm else None
     self.dtype = dtype
+    self.center_output = center_output
 
   def __call__(self, x: Array, *, train: bool = False) -> Array:
     kernel = self.kernel[...]
     if self.weight_norm is not None:
       kernel = self.weight_norm(kernel, train=train)
+    bias = None if self.bias is None else self.bias[...]
+    if self.center_output:
+      kernel = kernel - jnp.mean(kernel, -1, keepdims=True)
+      bias = None if bias is None else bias - jnp.mean(bias)
     y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
-    return y if self.bias is None else y + self.bias[...].astype(self.dtype)
+    return y if bias is None else y + bias.astype(self.dtype)
 
 
 def rope(x: Array, theta: float) -> Array:
@@ -93,7 +100,8 @@ class Attention(nnx.Module):
     self.q = Dense(w, heads * hd, ("embed", "heads"), std=stds["q"], **common)
     self.k = Dense(w, kv * hd, ("embed", "heads"), std=stds["k"], **common)
     self.v = Dense(w, kv * hd, ("embed", "heads"), std=stds["v"], **common)
-    self.o = Dense(heads * hd, w, ("heads", "embed"), std=stds["o"], **common)
+    self.o = Dense(heads * hd, w, ("heads", "embed"), std=stds["o"], **common,
+                   center_output=cfg.zero_mean_writers)
     self.shape = (heads, kv, hd)
     self.causal = cfg.causal
     self.rope_theta = cfg.rope_theta if cfg.name == "llama" else None
@@ -123,10 +131,12 @@ class Mlp(nnx.Module):
     if self.gated:
       self.gate = Dense(w, hidden, ("embed", "mlp"), std=stds["gate"], **common)
       self.up = Dense(w, hidden, ("embed", "mlp"), std=stds["up"], **common)
-      self.down = Dense(hidden, w, ("mlp", "embed"), std=stds["down"], **common)
+      self.down = Dense(hidden, w, ("mlp", "embed"), std=stds["down"], **common,
+                        center_output=cfg.zero_mean_writers)
     else:
       self.fc1 = Dense(w, hidden, ("embed", "mlp"), std=stds["fc1"], **common)
-      self.fc2 = Dense(hidden, w, ("mlp", "embed"), std=stds["fc2"], **common)
+      self.fc2 = Dense(hidden, w, ("mlp", "embed"), std=stds["fc2"], **common,
+                       center_output=cfg.zero_mean_writers)
 
   def __call__(self, x: Array, *, train: bool = False, collect_stats: bool = False
                ) -> tuple[Array, dict[str, Array]]:
@@ -152,6 +162,8 @@ def activation_norm(cfg: Any, rngs: nnx.Rngs | None = None) -> Norm | None:
     example = features
   if "param_dtype" in spec.defaults:
     options.setdefault("param_dtype", cfg.param_dtype)
+  if "impl" in spec.defaults:
+    options.setdefault("impl", cfg.norm.impl)
   return Norm(spec.name, example, rngs=rngs, **options)
 
 

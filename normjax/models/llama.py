@@ -46,6 +46,8 @@ class Llama(nnx.Module):
     """
     cfg = self.cfg
     x = jnp.take(self.embed[...], tokens, axis=0).astype(cfg.dtype)
+    if cfg.zero_mean_writers:  # centred embedding rows (a tied head still reads the raw rows)
+      x = x - jnp.mean(x, -1, keepdims=True)
     x = call_norm(self.embed_norm, x, train=train)
     last = lambda h: h[:, -1]
     h, stats = self.stack(x, train=train, collect_stats=collect_stats, skip_layer=skip_layer,

@@ -62,6 +62,8 @@ class ViT(nnx.Module):
       cls = jnp.broadcast_to(self.cls[...].astype(cfg.dtype), (x.shape[0], 1, x.shape[-1]))
       x = jnp.concatenate([cls, x], axis=1)
     x = x + self.position[...].astype(cfg.dtype)
+    if cfg.zero_mean_writers:  # = centring the patch kernel, positions and class token
+      x = x - jnp.mean(x, -1, keepdims=True)
     x = call_norm(self.embed_norm, x, train=train)
     h, stats = self.stack(x, train=train, collect_stats=collect_stats, skip_layer=skip_layer,
                           summarize=self.summarize)

@@ -24,6 +24,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+import pallas_kernels
 from normjax.norms import batch, power, standard, weight
 from normjax.norms._util import Array, canonical_axes, param_shape
 
@@ -145,14 +146,26 @@ def _register(name: str, fn: Callable[..., Any], summary: str, defaults: Mapping
 
 
 _F32 = {"param_dtype": jnp.float32}
-_TOKEN = {"axis": -1, "eps": 1e-6, "use_scale": True, "scale_offset": 0.0, "casting": "f32", **_F32}
+# impl: pallas_kernels.IMPLS; "auto" runs the fused kernel only where it was measured faster than XLA.
+_TOKEN = {"axis": -1, "eps": 1e-6, "use_scale": True, "scale_offset": 0.0, "casting": "f32",
+          "impl": "auto", **_F32}
 
 
 def _token_norm(fn: Callable[..., Array]) -> Callable[..., tuple[Array, State]]:
+  """The XLA reference ``fn``, or the ``pallas_kernels`` op of the same name when ``impl`` asks."""
   def apply(x, p, s, o, train, out_scale=1.0):
     del train
-    return fn(x, p.get("scale"), p.get("bias"), axis=o["axis"], eps=o["eps"], out_scale=out_scale,
-              scale_offset=o["scale_offset"], casting=o["casting"]), s
+    options = dict(eps=o["eps"], out_scale=out_scale, scale_offset=o["scale_offset"],
+                   casting=o["casting"])
+    last_axis = canonical_axes(x.ndim, o["axis"]) == (x.ndim - 1,)
+    if o["impl"] == "xla" or (o["impl"] == "auto" and not last_axis):
+      return fn(x, p.get("scale"), p.get("bias"), axis=o["axis"], **options), s
+    if not last_axis:
+      raise ValueError(f"norm {fn.__name__!r} with impl={o['impl']!r} normalizes the last axis only; "
+                       f"got axis={o['axis']!r}")
+    # Looked up per call: pallas_kernels imports normjax.norms, so it may still be initializing here.
+    kernel_op = getattr(pallas_kernels, fn.__name__)
+    return kernel_op(x, p.get("scale"), p.get("bias"), impl=o["impl"], **options), s
   return apply
 
 

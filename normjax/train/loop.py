@@ -122,35 +122,39 @@ def train(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
 
   pending = None
   try:
-    for index in range(start, total):
-      step = index + 1
-      collect = bool(config.stats.every) and (step % config.stats.every == 0 or step == 1)
-      batch = jax.device_put(train_data.batch(index), batch_sharding)
-      state, metrics = compiled[collect](state, batch)
-      if pending is not None:  # read the previous step while this one runs
-        process(*pending)
-      pending = (step, metrics)
-      bar.update(1)
-      if config.tvr.enabled and step % config.tvr.every == 0:
-        params, report = tvr(state["params"])
-        state = {**state, "params": params}
-        writer.metrics(step, {"rescaled": sum(int(np.sum(r)) for r in report["rescaled"].values())},
-                       prefix="tvr")
-      save_now = step == total or bool(preempted) or bool(config.ckpt.every and step % config.ckpt.every == 0)
-      eval_now = step == total or bool(config.train.eval_every and step % config.train.eval_every == 0)
-      if save_now or eval_now:
-        process(*pending)  # a checkpoint or evaluation only follows a step whose loss was checked
-        pending = None
-        if save_now:
-          save(step, force=bool(preempted))
-        if eval_now:
-          last["eval"] = evaluate(compiled["eval"], state, val_data, config.train.eval_steps, batch_sharding)
-          writer.metrics(step, last["eval"], prefix="eval")
-      if preempted:
-        bar.write(f"SIGTERM: checkpoint saved at step {step} in {ckpt_dir}; exiting")
-        break
-    if start >= total:  # resumed a finished run: report its evaluation again
-      last["eval"] = evaluate(compiled["eval"], state, val_data, config.train.eval_steps, batch_sharding)
+    # Traced under the mesh: fused norm kernels (not partitionable) run in shard_map over batch axes.
+    with jax.set_mesh(mesh):
+      for index in range(start, total):
+        step = index + 1
+        collect = bool(config.stats.every) and (step % config.stats.every == 0 or step == 1)
+        batch = jax.device_put(train_data.batch(index), batch_sharding)
+        state, metrics = compiled[collect](state, batch)
+        if pending is not None:  # read the previous step while this one runs
+          process(*pending)
+        pending = (step, metrics)
+        bar.update(1)
+        if config.tvr.enabled and step % config.tvr.every == 0:
+          params, report = tvr(state["params"])
+          state = {**state, "params": params}
+          writer.metrics(step, {"rescaled": sum(int(np.sum(r)) for r in report["rescaled"].values())},
+                         prefix="tvr")
+        save_now = (step == total or bool(preempted)
+                    or bool(config.ckpt.every and step % config.ckpt.every == 0))
+        eval_now = step == total or bool(config.train.eval_every and step % config.train.eval_every == 0)
+        if save_now or eval_now:
+          process(*pending)  # a checkpoint or evaluation only follows a step whose loss was checked
+          pending = None
+          if save_now:
+            save(step, force=bool(preempted))
+          if eval_now:
+            last["eval"] = evaluate(compiled["eval"], state, val_data, config.train.eval_steps,
+                                    batch_sharding)
+            writer.metrics(step, last["eval"], prefix="eval")
+        if preempted:
+          bar.write(f"SIGTERM: checkpoint saved at step {step} in {ckpt_dir}; exiting")
+          break
+      if start >= total:  # resumed a finished run: report its evaluation again
+        last["eval"] = evaluate(compiled["eval"], state, val_data, config.train.eval_steps, batch_sharding)
   finally:
     signal.signal(signal.SIGTERM, previous_handler)
     bar.close()

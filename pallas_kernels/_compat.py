@@ -1,0 +1,51 @@
+"""The one place that knows which jax is installed and how Pallas-Triton is reached on it.
+
+The Pallas Triton backend works unchanged from jax 0.10.2 to 0.12 but is deprecated from 0.11.0
+(warning id ``jax-pallas-triton``); Mosaic GPU is the default GPU lowering, so Triton is selected
+by passing ``pltriton.CompilerParams`` explicitly. On CPU the same kernels run in interpret mode.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import jax
+import jax.experimental.pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+JAX_VERSION = jax.__version_info__
+# Deprecated upstream, chosen deliberately (see KERNELS.md section 2): silence it here, once.
+if JAX_VERSION >= (0, 11, 0):
+  warnings.filterwarnings("ignore", message=".*Pallas Triton backend is deprecated.*")
+
+GPU_PLATFORMS = ("gpu", "cuda", "rocm")
+
+
+def backend() -> str:
+  return jax.default_backend()
+
+
+def interpret() -> bool:
+  """Interpret mode is the only way to run a Pallas kernel on CPU (and the way CI tests them)."""
+  return backend() == "cpu"
+
+
+def supported_backend() -> bool:
+  """Pallas-Triton lowers on CUDA/ROCm GPUs and interprets on CPU; TPU has no Triton."""
+  return backend() in GPU_PLATFORMS or interpret()
+
+
+def compiler_params(num_warps: int, num_stages: int | None = None) -> pltriton.CompilerParams:
+  """Triton parameters: passing them is what selects the (deprecated) Triton lowering over Mosaic."""
+  if num_stages is None:
+    return pltriton.CompilerParams(num_warps=num_warps)
+  return pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+
+
+def device_kind() -> str:
+  """Key of the measured ``auto`` table, e.g. ``NVIDIA H100 80GB HBM3``; ``cpu`` on CPU."""
+  return jax.devices()[0].device_kind if backend() != "cpu" else "cpu"
+
+
+__all__ = ["pl", "pltriton", "JAX_VERSION", "backend", "interpret", "supported_backend",
+           "compiler_params", "device_kind"]

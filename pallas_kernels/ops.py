@@ -1,0 +1,262 @@
+"""Public norm ops with a selectable implementation: ``layer_norm``, ``rms_norm``, ``crms_norm``.
+
+Each op normalizes the last axis of ``x [..., D]`` and can, in the same pass,
+
+* add a residual first (``residual=r``): returns ``(y, x + r)``, the Pre-LN "add then norm" fusion; in the
+  backward the residual-stream cotangent is added to dx inside the kernel and both inputs get that dx;
+* fold ``scale_offset`` (Gemma 1+w, formed in float32) and ``out_scale`` (LayerNorm Scaling 1/sqrt(l),
+  a float or a traced 0-d array) into one effective weight, so they cost nothing;
+* return ``Stats(mean, rstd)``: per-row float32 statistics with stop-gradient semantics, so per-depth
+  variance (``1/rstd^2 - eps``) is recorded without another pass over memory. ``mean`` is the mean the
+  norm subtracted: the row mean for layer_norm, zeros for rms_norm and crms_norm.
+
+``impl`` picks the implementation: ``"xla"`` (``normjax.norms``, the reference and the CPU default),
+``"pallas"`` (the Pallas-Triton kernels in ``kernels.py``; interpret mode on CPU), ``"triton"`` (raw Triton
+through jax-triton; not built yet, it raises NotImplementedError), ``"auto"`` (``auto.choose``: Pallas only
+where the measured table says it beats XLA for this device, op and shape), or a tuple tried in order in
+which ``NotImplementedError`` falls through to the next entry (the tokamax pattern).
+
+Under a mesh (``jax.set_mesh``) the Pallas call is wrapped in ``jax.shard_map`` with the leading axis split
+over ``row_axes`` (norms are row-local, so no collectives are needed).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.sharding import PartitionSpec as P
+
+from normjax.norms import standard
+from normjax.norms._util import CASTINGS, check_choice, check_scalar
+from pallas_kernels import _compat, auto, kernels
+from pallas_kernels.kernels import F32, KernelConfig, Static
+
+Array = jax.Array
+IMPLS = ("xla", "pallas", "triton", "auto")
+ROW_AXES = ("data", "fsdp")  # mesh axes that split rows (normjax.train.mesh.RULES["batch"])
+MAX_WIDTH = 65536  # whole row in registers; wider rows would need a loop (Liger's limit)
+KERNEL_DTYPES = ("float32", "bfloat16", "float16")
+_REFERENCE = {"layer_norm": standard.layer_norm, "rms_norm": standard.rms_norm,
+              "crms_norm": standard.crms_norm}
+_log = logging.getLogger(__name__)
+_logged: set[tuple[Any, ...]] = set()
+
+
+class Stats(NamedTuple):
+  """Per-row float32 statistics, shape ``x.shape[:-1]``."""
+  mean: Array
+  rstd: Array
+
+
+class _Args(NamedTuple):
+  kind: str
+  eps: float
+  scale_offset: float
+  out_scale: Any
+  casting: str
+  config: KernelConfig | None
+  row_axes: tuple[str, ...]
+
+
+def effective_weight(scale: Array | None, width: int, scale_offset: float, out_scale: Any,
+                     casting: str) -> Array | None:
+  """``(scale + scale_offset) * out_scale`` in the dtype ``normjax.norms._util.affine`` multiplies in.
+
+  None when there is nothing to multiply (no scale and a static out_scale of 1). ``[D]``.
+  """
+  if scale is None:
+    if scale_offset != 0.0:
+      raise ValueError("scale_offset needs a scale parameter (the offset is added to it)")
+    if isinstance(out_scale, (int, float)) and out_scale == 1.0:
+      return None
+    return jnp.broadcast_to(jnp.asarray(out_scale, F32), (width,))
+  compute = scale.dtype if casting == "llama" and jnp.dtype(scale.dtype).itemsize < 4 else F32
+  return ((scale.astype(compute) + jnp.asarray(scale_offset, compute))
+          * jnp.asarray(out_scale, compute))
+
+
+# ---------------------------------------------------------------------------------------------
+# Implementations: (x, scale, bias, residual, args) -> (y, new residual or None, mean, rstd).
+
+def _xla(x, scale, bias, residual, a: _Args):
+  s = x if residual is None else x + residual
+  y = _REFERENCE[a.kind](s, scale, bias, eps=a.eps, out_scale=a.out_scale,
+                         scale_offset=a.scale_offset, casting=a.casting)
+  sf = lax.stop_gradient(s).astype(F32)
+  d = s.shape[-1]
+  if a.kind == "layer_norm":
+    mean = jnp.mean(sf, -1)
+    mean_square = jnp.mean(jnp.square(sf - mean[..., None]), -1)
+  else:
+    mean = jnp.zeros(sf.shape[:-1], F32)
+    mean_square = jnp.sum(jnp.square(sf), -1)
+    mean_square = ((mean_square + jnp.square(jnp.sum(sf, -1))) / (d + 1) if a.kind == "crms_norm"
+                   else mean_square / d)
+  return y, (None if residual is None else s), mean, lax.rsqrt(mean_square + a.eps)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _fused(st: Static, x, residual, weight, bias):
+  return kernels.forward(x, residual, weight, bias, st)
+
+
+def _fused_fwd(st, x, residual, weight, bias):
+  y, s, mean, rstd = kernels.forward(x, residual, weight, bias, st)
+  return (y, s, mean, rstd), (x if s is None else s, mean, rstd, weight, bias)
+
+
+def _fused_bwd(st, saved, cotangents):
+  x, mean, rstd, weight, bias = saved
+  dy, ds = cotangents[0], cotangents[1]  # mean/rstd cotangents are dropped: stop-gradient stats
+  dx, dweight, dbias = kernels.backward(x, dy, ds, mean, rstd, weight, st)
+  return (dx, dx if st.has_residual else None,
+          None if weight is None else dweight.astype(weight.dtype),
+          None if bias is None else dbias.astype(bias.dtype))
+
+
+_fused.defvjp(_fused_fwd, _fused_bwd)
+
+
+def _pallas(x, scale, bias, residual, a: _Args):
+  if not _compat.supported_backend():
+    raise NotImplementedError(f"impl='pallas' uses Pallas-Triton, which has no {_compat.backend()} "
+                              "lowering; use impl='xla'")
+  width = x.shape[-1]
+  if jnp.dtype(x.dtype).name not in KERNEL_DTYPES or width > MAX_WIDTH or x.ndim == 0:
+    raise NotImplementedError(f"impl='pallas' supports dtypes {KERNEL_DTYPES} and widths up to "
+                              f"{MAX_WIDTH}; got {x.dtype} [..., {width}]")
+  weight = effective_weight(scale, width, a.scale_offset, a.out_scale, a.casting)
+  st = Static(a.kind, float(a.eps), a.casting, weight is not None, bias is not None,
+              residual is not None, a.config or KernelConfig())
+
+  def rows(x, residual, weight, bias):
+    lead = x.shape[:-1]
+    flat = lambda t: None if t is None else t.reshape(-1, width)
+    y, s, mean, rstd = _fused(st, flat(x), flat(residual), weight, bias)
+    return (y.reshape(x.shape), None if s is None else s.reshape(x.shape), mean.reshape(lead),
+            rstd.reshape(lead))
+
+  return _row_sharded(rows, a.row_axes, x, residual, weight, bias)
+
+
+def _row_sharded(fn: Callable[..., Any], row_axes: Sequence[str], x, residual, weight, bias):
+  """Runs ``fn`` per shard of the leading axis when a mesh is set; pallas_call is not partitionable."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or x.ndim < 2 or math.prod(mesh.shape.values()) == 1:
+    return fn(x, residual, weight, bias)
+  axes = tuple(name for name in row_axes if mesh.shape.get(name, 1) > 1)
+  if axes and x.shape[0] % math.prod(mesh.shape[name] for name in axes) == 0:
+    rows = P(axes)
+  else:
+    rows = P()  # a leading axis the mesh does not divide: every device normalizes every row
+  arrays = (x, residual, weight, bias)
+  present = [i for i, t in enumerate(arrays) if t is not None]
+  in_specs = tuple(rows if i < 2 else P() for i in present)
+
+  def local(*values):
+    full = [None] * 4
+    for i, value in zip(present, values):
+      full[i] = value
+    return fn(*full)
+
+  out_specs = (rows, rows if residual is not None else None, rows, rows)
+  y, s, mean, rstd = jax.shard_map(
+      lambda *v: _fill_none(local(*v)), in_specs=in_specs,
+      out_specs=_fill_none(out_specs), check_vma=False)(*[arrays[i] for i in present])
+  return y, (None if residual is None else s), mean, rstd
+
+
+def _fill_none(values: tuple[Any, ...]) -> tuple[Any, ...]:
+  """shard_map needs a spec per output; an absent residual output is an empty tuple, not None."""
+  return tuple(() if v is None else v for v in values)
+
+
+def _triton(x, scale, bias, residual, a: _Args):
+  raise NotImplementedError("impl='triton' (raw Triton through jax-triton) is not built yet; use "
+                            "impl='pallas' or 'xla', or a tuple such as ('triton', 'pallas', 'xla')")
+
+
+_IMPLEMENTATIONS: dict[str, Callable[..., Any]] = {"xla": _xla, "pallas": _pallas, "triton": _triton}
+
+
+def _candidates(impl: str | Sequence[str], kind: str, x: Array, residual: Array | None) -> list[str]:
+  order = [impl] if isinstance(impl, str) else list(impl)
+  if not order:
+    raise ValueError(f"impl=() is empty; choose one or more of {list(IMPLS)}")
+  for name in order:
+    check_choice(name, "impl", IMPLS)
+  return [auto.choose(kind, x.shape, x.dtype, residual is not None) if name == "auto" else name
+          for name in order]
+
+
+def _norm(kind: str, x: Array, scale: Array | None, bias: Array | None, residual: Array | None,
+          eps: float, scale_offset: float, out_scale: Any, casting: str, return_stats: bool,
+          impl: str | Sequence[str], config: KernelConfig | None, row_axes: Sequence[str]) -> Any:
+  check_choice(casting, "casting", CASTINGS)
+  check_scalar(out_scale, "out_scale")
+  if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
+    raise ValueError(f"residual must match x: x is {x.dtype}{list(x.shape)}, residual is "
+                     f"{residual.dtype}{list(residual.shape)}")
+  for name, p in (("scale", scale), ("bias", bias)):
+    if p is not None and tuple(p.shape) != x.shape[-1:]:
+      raise ValueError(f"{name} has shape {tuple(p.shape)}; normalizing the last axis of an input of "
+                       f"shape {tuple(x.shape)} needs {x.shape[-1:]}")
+  args = _Args(kind, eps, scale_offset, out_scale, casting, config, tuple(row_axes))
+  reasons = []
+  for name in _candidates(impl, kind, x, residual):
+    try:
+      y, s, mean, rstd = _IMPLEMENTATIONS[name](x, scale, bias, residual, args)
+    except NotImplementedError as e:
+      reasons.append(f"{name}: {e}")
+      continue
+    key = (kind, x.shape, jnp.dtype(x.dtype).name, residual is not None, name)
+    if key not in _logged:
+      _logged.add(key)
+      _log.info("%s %s%s residual=%s: impl=%s", kind, key[2], list(x.shape), key[3], name)
+    out = (y,) if residual is None else (y, s)
+    if return_stats:
+      out += (Stats(mean, rstd),)
+    return out[0] if len(out) == 1 else out
+  raise NotImplementedError(f"no implementation of {kind} in impl={impl!r} accepts this input: "
+                            + "; ".join(reasons))
+
+
+def _op(kind: str, summary: str) -> Callable[..., Any]:
+  def op(x: Array, scale: Array | None = None, bias: Array | None = None, *,
+         residual: Array | None = None, eps: float = 1e-6, scale_offset: float = 0.0,
+         out_scale: Any = 1.0, casting: str = "f32", return_stats: bool = False,
+         impl: str | Sequence[str] = "auto", config: KernelConfig | None = None,
+         row_axes: Sequence[str] = ROW_AXES) -> Any:
+    return _norm(kind, x, scale, bias, residual, eps, scale_offset, out_scale, casting, return_stats,
+                 impl, config, row_axes)
+
+  op.__name__ = op.__qualname__ = kind
+  op.__doc__ = f"""{summary} over the last axis: ``x [..., D] -> y [..., D]`` in x's dtype.
+
+  Math, defaults and ``casting`` as in ``normjax.norms.{kind}`` (the ``xla`` implementation).
+
+  Args:
+    x: input ``[..., D]``{" (the d-1 stored coordinates; the original width is D+1)" if kind == "crms_norm" else ""}.
+    scale, bias: optional ``[D]`` parameters.
+    residual: optional ``[..., D]`` (x's dtype); the op normalizes ``x + residual`` and also returns it.
+    eps, scale_offset, out_scale, casting: as in the reference.
+    return_stats: also return ``Stats(mean, rstd)`` (float32, ``x.shape[:-1]``, no gradient).
+    impl: "xla", "pallas", "triton", "auto", or a tuple tried in order (see the module docstring).
+    config: ``KernelConfig`` launch parameters for the Pallas kernels (None: measured heuristics).
+    row_axes: mesh axes the leading axis is split over under ``jax.set_mesh``.
+  Returns:
+    ``y``, ``(y, x + residual)`` with a residual, and ``Stats`` appended when requested.
+  """
+  return op
+
+
+layer_norm = _op("layer_norm", "LayerNorm ``(x - mean) * rsqrt(var + eps) * (scale + offset) * out_scale + bias``")
+rms_norm = _op("rms_norm", "RMSNorm ``x * rsqrt(mean(x^2) + eps) * (scale + offset) * out_scale + bias``")
+crms_norm = _op("crms_norm", "Compressed RMSNorm ``xc * rsqrt((sum(xc^2) + sum(xc)^2)/(D+1) + eps)``")
