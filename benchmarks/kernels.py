@@ -156,6 +156,18 @@ def write_auto_table(rows: list[Row], dtype, path: pathlib.Path = auto.TABLE_PAT
   print(f"wrote {len(rows)} times for {jax.devices()[0].device_kind} into {path}")
 
 
+def write_json(rows: list[Row], path: pathlib.Path) -> None:
+  """The table for ``notebooks/kernels.ipynb``: one object per row, NaN written as null."""
+  clean = lambda v: None if math.isnan(v) else round(v, 6)
+  out = [{"op": r.op, "fused": r.fused, "shape": f"{r.shape[0]}x{r.shape[1]}", "impl": r.impl,
+          "fwd_ms": clean(r.ms[0]), "fwd_bwd_ms": clean(r.ms[1]),
+          "fwd_frac_copy": clean(r.gbs[0] / r.copy_gbs), "fwd_bwd_frac_copy": clean(r.gbs[1] / r.copy_gbs)}
+         for r in rows]
+  path.write_text(json.dumps({"device": jax.devices()[0].device_kind, "jax": jax.__version__,
+                              "date": f"{datetime.date.today()}", "rows": out}, indent=1) + "\n")
+  print(f"wrote {len(out)} rows into {path}")
+
+
 def stepper(step, state, batch):
   """One train-step variant threading its own (donated) state, so that variants can be interleaved."""
   def run():
@@ -225,6 +237,8 @@ def main() -> int:
   parser.add_argument("--markdown", action="store_true", help="also print the table as markdown")
   parser.add_argument("--write-auto-table", action="store_true",
                       help=f"merge fwd+bwd ms into {auto.TABLE_PATH.relative_to(REPO)} (GPU only)")
+  parser.add_argument("--json", type=pathlib.Path, default=None,
+                      help="also write the rows as JSON (benchmarks/kernels_results.json feeds notebooks/kernels)")
   parser.add_argument("--end-to-end", action="store_true", help="also time a train step per norm impl")
   parser.add_argument("--e2e-config", default="configs/llama.py:tiny")
   args = parser.parse_args()
@@ -247,6 +261,8 @@ def main() -> int:
   rows = measure(args, dtype)
   if args.markdown:
     print("\n" + markdown(rows))
+  if args.json:
+    write_json(rows, args.json)
   if args.write_auto_table:
     write_auto_table(rows, dtype)
   if args.end_to_end:

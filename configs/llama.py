@@ -59,6 +59,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
       scan_layers=True,  # nnx.scan over depth (False: unrolled)
       remat="none",  # none, full, dots
       zero_mean_writers=False,  # W - mean_out(W) for residual writers (LN == RMSNorm exactly)
+      compressed=False,  # d-1 stored residual coordinates (with norm crms_norm: Pre-CRMSNorm)
   ))
   c.data = mlc.ConfigDict(dict(
       name="stdlib_bytes",  # stdlib_bytes, text_files, or a prepared TFDS dataset name

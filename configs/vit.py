@@ -52,6 +52,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
       scan_layers=True,  # nnx.scan over depth
       remat="none",  # none, full, dots
       zero_mean_writers=False,  # W - mean_out(W) for residual writers (LN == RMSNorm exactly)
+      compressed=False,  # d-1 stored residual coordinates (with norm crms_norm: Pre-CRMSNorm)
   ))
   c.data = mlc.ConfigDict(dict(
       name="auto_images",  # auto_images, fashion_mnist_deb, sklearn_digits, or a prepared TFDS name

@@ -3,3 +3,28 @@
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
+import fcntl  # noqa: E402  (after XLA_FLAGS, which must be set before JAX loads)
+import pathlib  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_sweep(tmp_path_factory) -> pathlib.Path:
+  """A finished placement-study sweep at the ``ci`` scale: LLaMA pre/post/lns x 1-2 layers and a
+  1-layer ViT, 6 steps each with statistics and checkpoints.
+
+  Built once per test session: under xdist every worker shares the session's base directory and
+  waits on a lock while the first one trains; the others find the runs finished and skip them."""
+  from experiments import placement_study, sweep
+  root = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):
+    root = root.parent  # the session directory above the per-worker ones
+  out = root / "tiny_sweep"
+  runs = placement_study.runs("ci", ("llama",), ("pre", "post", "lns"))
+  runs += [r for r in placement_study.runs("ci", ("vit",), ("pre",)) if r.tags["depth"] == 1]
+  with open(root / "tiny_sweep.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    sweep.run_all(runs, out, {"data.data_dir": str(root / "tiny_sweep_tfds"), "mesh.num_devices": 1})
+  return out

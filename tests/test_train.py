@@ -17,6 +17,7 @@ import pytest
 from normjax import config as common
 from normjax.config import ConfigError
 from normjax.train import NonFiniteLoss, train
+from normjax.train.writer import read_jsonl
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 GOLDEN = ROOT / "tests" / "golden" / "llama_small_partition_specs.json"
@@ -39,12 +40,10 @@ def cli(path: str, overrides: dict, data_dir: pathlib.Path, workdir: pathlib.Pat
   return args + [f"--config.{key}={value}" for key, value in overrides.items()]
 
 
-def read_rows(path: pathlib.Path) -> list[dict]:
-  return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def train_losses(workdir: pathlib.Path) -> dict[int, float]:
-  return {row["step"]: row["train/loss"] for row in read_rows(workdir / "metrics.jsonl")
+  return {row["step"]: row["train/loss"] for row in read_jsonl(workdir / "metrics.jsonl")
           if "train/loss" in row}
 
 
@@ -59,13 +58,13 @@ def test_llama_run_leaves_everything_in_the_workdir(tmp_path, data_dir):
   result = train(config, str(tmp_path))
   losses = train_losses(tmp_path)
   assert sorted(losses) == list(range(1, 31))
-  rows = read_rows(tmp_path / "metrics.jsonl")
+  rows = read_jsonl(tmp_path / "metrics.jsonl")
   assert {"train/lr", "train/grad_norm", "train/tokens_per_second"} <= set(rows[-2]) | set(rows[-1])
   assert any("eval/loss" in row for row in rows)
   assert np.mean([losses[s] for s in range(26, 31)]) < losses[1] - 0.5, losses  # the loss falls
   assert result["eval_loss"] < losses[1]
   assert json.loads((tmp_path / "config.json").read_text())["model"]["norm"]["kind"] == "rms_norm"
-  stats_rows = read_rows(tmp_path / "stats.jsonl")
+  stats_rows = read_jsonl(tmp_path / "stats.jsonl")
   assert [row["step"] for row in stats_rows] == [1, 5, 10, 15, 20, 25, 30]
   resid = np.load(tmp_path / "stats" / "mlp.resid_var.npy")
   assert resid.shape == (7, 2)  # one row per logged step, one column per layer
@@ -85,7 +84,7 @@ def test_vit_run_on_local_images(tmp_path, data_dir):
                        data_dir)
   result = train(config, str(tmp_path))
   assert 0.0 <= result["eval_accuracy"] <= 1.0
-  rows = read_rows(tmp_path / "metrics.jsonl")
+  rows = read_jsonl(tmp_path / "metrics.jsonl")
   assert "train/accuracy" in rows[-2] or "train/accuracy" in rows[-1]
   assert any("train/images_per_second" in row for row in rows)
   assert np.load(tmp_path / "stats" / "attn.attn_entropy.npy").shape == (3, 4)
@@ -97,7 +96,7 @@ def test_tvr_hook_rescales_every_k_steps(tmp_path, data_dir):
                                                   "tvr.every": 5, "tvr.target_std": 0.001,
                                                   "ckpt.every": 0, "train.eval_every": 0}, data_dir)
   train(config, str(tmp_path))
-  rows = [row for row in read_rows(tmp_path / "metrics.jsonl") if "tvr/rescaled" in row]
+  rows = [row for row in read_jsonl(tmp_path / "metrics.jsonl") if "tvr/rescaled" in row]
   assert [(row["step"], row["tvr/rescaled"]) for row in rows] == [(5, 14), (10, 14)]
 
 
@@ -119,8 +118,8 @@ def test_resume_after_kill_is_bitwise_identical(tmp_path, data_dir):
                            env=env, capture_output=True, text=True)
   assert "resuming from step 10" in resumed.stdout
   assert train_losses(killed) == train_losses(straight)  # bitwise: floats compared exactly
-  straight_stats = read_rows(straight / "stats.jsonl")
-  assert read_rows(killed / "stats.jsonl") == straight_stats
+  straight_stats = read_jsonl(straight / "stats.jsonl")
+  assert read_jsonl(killed / "stats.jsonl") == straight_stats
 
 
 def train_losses_or_empty(workdir: pathlib.Path) -> dict[int, float]:
@@ -183,7 +182,7 @@ def test_non_finite_loss_stops_with_step_checkpoint_and_stats(tmp_path, data_dir
   step = int(message.split(" at step ")[1].split(";")[0])
   assert f"last good checkpoint: step {step - 1}" in message or "last good checkpoint: none" in message
   assert f"last statistics: step {step}" in message
-  rows = read_rows(tmp_path / "metrics.jsonl")  # every row still parses
+  rows = read_jsonl(tmp_path / "metrics.jsonl")  # every row still parses
   assert rows[-1]["step"] == step and not np.isfinite(rows[-1]["train/loss"])
   saved = [int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
   assert all(s < step for s in saved)

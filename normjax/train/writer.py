@@ -35,10 +35,18 @@ def _atomic_save(path: pathlib.Path, array: np.ndarray) -> None:
   os.replace(tmp, path)
 
 
+def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
+  """The rows of ``metrics.jsonl`` / ``stats.jsonl`` (any JSON-lines file); [] when it is absent."""
+  path = pathlib.Path(path)
+  if not path.exists():
+    return []
+  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 def _truncate_jsonl(path: pathlib.Path, last_step: int) -> list[dict[str, Any]]:
   if not path.exists():
     return []
-  rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+  rows = read_jsonl(path)
   kept = [row for row in rows if row["step"] <= last_step]
   tmp = path.with_name(path.name + ".tmp")
   tmp.write_text("".join(json.dumps(row) + "\n" for row in kept))

@@ -1,0 +1,112 @@
+"""Executes the analysis notebooks top to bottom (nbclient) on a tiny sweep and fabricated kernel
+benchmark results, and checks that they ran without error and wrote their figures.
+
+The kernel is a kernelspec written at runtime into a temporary directory whose command is this
+interpreter (``sys.executable -m ipykernel_launcher``), so the notebooks run in the same environment
+as pytest whatever kernels (or none) are installed system-wide or in the user's Jupyter paths.
+"""
+
+import json
+import pathlib
+import sys
+
+import nbclient
+import nbformat
+import pytest
+from jupyter_client.kernelspec import KernelSpecManager
+from jupyter_client.manager import KernelManager
+
+NOTEBOOKS = pathlib.Path(__file__).resolve().parents[1] / "notebooks"
+KERNEL = "normjax-pytest"
+
+
+@pytest.fixture(scope="module")
+def kernel_specs(tmp_path_factory) -> KernelSpecManager:
+  """A kernelspec manager that knows only a kernel running ``sys.executable``."""
+  root = tmp_path_factory.mktemp("kernels")
+  (root / KERNEL).mkdir()
+  (root / KERNEL / "kernel.json").write_text(json.dumps({
+      "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+      "display_name": "normjax (pytest)", "language": "python"}))
+  return KernelSpecManager(kernel_dirs=[str(root)])
+
+
+def execute(name: str, kernel_specs: KernelSpecManager, monkeypatch, **env: str):
+  """Runs notebooks/<name> with cwd = notebooks/ and ``env`` set; returns the executed notebook
+  (nbclient raises CellExecutionError on the first failing cell)."""
+  for key, value in env.items():
+    monkeypatch.setenv(key, value)
+  monkeypatch.setenv("MPLBACKEND", "Agg")  # headless; the notebooks must not need a display
+  nb = nbformat.read(NOTEBOOKS / name, as_version=4)
+  assert all(not cell.get("outputs") for cell in nb.cells if cell.cell_type == "code"), \
+      f"{name} is stored with outputs; clear them before committing"
+  km = KernelManager(kernel_name=KERNEL, kernel_spec_manager=kernel_specs)
+  client = nbclient.NotebookClient(nb, km=km, timeout=120, resources={"metadata": {"path": str(NOTEBOOKS)}})
+  client.execute()
+  return nb
+
+
+def text_outputs(nb) -> str:
+  parts = []
+  for cell in nb.cells:
+    for output in cell.get("outputs", []):
+      parts.append(output.get("text", ""))
+      parts += [str(v) for k, v in output.get("data", {}).items() if k.startswith("text/")]
+  return "\n".join(parts)
+
+
+def assert_pngs(paths):
+  for path in paths:
+    assert path.exists(), f"{path.name} was not written"
+    assert path.stat().st_size > 1000 and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", path
+
+
+def test_kernel_runs_this_interpreter(kernel_specs, monkeypatch, tmp_path):
+  nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("import sys; print(sys.executable)")])
+  km = KernelManager(kernel_name=KERNEL, kernel_spec_manager=kernel_specs)
+  nbclient.NotebookClient(nb, km=km, timeout=60).execute()
+  assert nb.cells[0].outputs[0]["text"].strip() == sys.executable
+
+
+def test_variance_growth(tiny_sweep, kernel_specs, monkeypatch):
+  execute("variance_growth.ipynb", kernel_specs, monkeypatch, NORMJAX_SWEEP=str(tiny_sweep))
+  assert_pngs(tiny_sweep / f"variance_growth_{v}.png"
+              for v in ("resid_heatmap", "resid_profile", "grad_heatmap", "grad_profile"))
+
+
+def test_placement_comparison(tiny_sweep, kernel_specs, monkeypatch):
+  nb = execute("placement_comparison.ipynb", kernel_specs, monkeypatch, NORMJAX_SWEEP=str(tiny_sweep))
+  assert_pngs([tiny_sweep / "placement_loss_curves.png", tiny_sweep / "placement_angular_distance_llama.png",
+               tiny_sweep / "placement_angular_distance_vit.png"])
+  table = text_outputs(nb)
+  for name in ("llama_pre_L01", "llama_post_L02", "llama_lns_L02", "vit_pre_L01"):
+    assert f"| {name} |" in table, f"{name} missing from the summary table"
+
+
+def fake_kernel_results():
+  rows = []
+  for shape in ("64x128", "64x1000"):
+    rows.append({"op": "copy", "fused": False, "shape": shape, "impl": "x*2", "fwd_ms": 0.01,
+                 "fwd_bwd_ms": float("nan"), "fwd_frac_copy": 1.0, "fwd_bwd_frac_copy": float("nan")})
+    for op in ("layer_norm", "rms_norm", "crms_norm"):
+      for fused in (False, True):
+        for i, impl in enumerate(("xla", "pallas")):
+          rows.append({"op": op, "fused": fused, "shape": shape, "impl": impl, "fwd_ms": 0.02 + i,
+                       "fwd_bwd_ms": 0.05 + i, "fwd_frac_copy": 0.5 + 0.1 * i,
+                       "fwd_bwd_frac_copy": 0.4 + 0.1 * i})
+  return rows
+
+
+def test_kernels_with_results(kernel_specs, monkeypatch, tmp_path):
+  results = tmp_path / "kernels_results.json"
+  results.write_text(json.dumps(fake_kernel_results()))  # NaN as the json module writes it
+  nb = execute("kernels.ipynb", kernel_specs, monkeypatch, NORMJAX_KERNEL_RESULTS=str(results))
+  assert_pngs([tmp_path / "kernels_results_frac_copy.png"])
+  assert "24 rows" in text_outputs(nb)  # the two copy rows are dropped
+
+
+def test_kernels_without_results(kernel_specs, monkeypatch, tmp_path):
+  absent = tmp_path / "absent.json"
+  nb = execute("kernels.ipynb", kernel_specs, monkeypatch, NORMJAX_KERNEL_RESULTS=str(absent))
+  assert "is absent" in text_outputs(nb)
+  assert not list(tmp_path.glob("*.png"))
