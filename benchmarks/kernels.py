@@ -19,13 +19,11 @@ import datetime
 import json
 import math
 import pathlib
-import runpy
 import sys
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
 import pallas_kernels
 from benchmarks.conversion import interleaved_ms
@@ -180,36 +178,21 @@ def stepper(step, state, batch):
 def end_to_end(args, dtype) -> None:
   """Plain train step of ``--e2e-config`` with ``model.norm.impl`` = xla vs pallas, built as in
   ``benchmarks.train_step`` (imported here, not at the top: it defines absl flags)."""
-  from benchmarks.train_step import synthetic_batch
+  from benchmarks.train_step import sharded_setup
   from normjax import config as config_lib
-  from normjax import models
-  from normjax.train import loop, optim
-  from normjax.train import mesh as mesh_lib
-  from normjax.train import step as step_lib
 
-  path, _, arg = args.e2e_config.partition(":")
-  get_config = runpy.run_path(str(REPO / path))["get_config"]
   print(f"\nend to end: {args.e2e_config}, dtype {dtype.name}, plain train step (model.norm.impl)")
   steppers, labels = [], []
   for impl in ("xla", "pallas"):
-    config = get_config(arg or None)
-    config.model.dtype = dtype.name
-    config.model.norm.impl = impl
     try:
+      config = config_lib.load(args.e2e_config, {"model.dtype": dtype.name, "model.norm.impl": impl})
       _, sizes = config_lib.validate(config, jax.device_count())
       model_cfg = config_lib.model_config(config, {"kind": "text", "vocab_size": 256, "source": "synthetic"})
     except ValueError as e:
       print(f"  skipped impl={impl}: {e}")
       continue
-    mesh = mesh_lib.make_mesh(sizes, jax.devices()[:math.prod(sizes.values())])
-    model = models.build(model_cfg, seed=0)
-    tx, _ = optim.make_optimizer(nnx.to_pure_dict(nnx.state(model, nnx.Param)), config)
-    steps = step_lib.Steps(model, tx, optim.schedule(config))
-    state = steps.init_state(model)
-    shardings = mesh_lib.shardings(loop.state_specs(steps, model, state, mesh), mesh)
-    batch = jax.device_put(synthetic_batch(config, model_cfg), mesh_lib.batch_sharding(mesh))
-    step = step_lib.jit_steps(steps, shardings, mesh_lib.batch_sharding(mesh))[False]
-    steppers.append(stepper(step, jax.device_put(state, shardings), batch))
+    state, batch, compiled = sharded_setup(config, model_cfg, sizes)
+    steppers.append(stepper(compiled[False], state, batch))
     labels.append(impl)
   if not steppers:
     return

@@ -14,19 +14,17 @@ from __future__ import annotations
 
 import math
 import time
+from typing import Any
 
 import jax
 import numpy as np
 from absl import app, flags
-from flax import nnx
 from ml_collections import config_flags
 
 from normjax import config as config_lib
-from normjax import models
 from normjax.train import mesh as mesh_lib
-from normjax.train.loop import state_specs
-from normjax.train.optim import make_optimizer, schedule
-from normjax.train.step import Steps, jit_steps
+from normjax.train.loop import build_steps, state_specs
+from normjax.train.step import jit_steps
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "config file", lock_config=True)
 _STEPS = flags.DEFINE_integer("steps", 20, "timed steps per variant (after one warm-up step)")
@@ -46,6 +44,17 @@ def synthetic_batch(config, model_cfg) -> dict[str, np.ndarray]:
           "labels": rng.integers(0, model_cfg.num_classes, (b,), dtype=np.int32)}
 
 
+def sharded_setup(config, model_cfg, sizes: dict[str, int]) -> tuple[dict[str, Any], dict[str, Any], dict[Any, Any]]:
+  """The sharded initial train state, a synthetic batch and the compiled steps, as ``train`` builds them."""
+  mesh = mesh_lib.make_mesh(sizes, jax.devices()[:math.prod(sizes.values())])
+  model, steps, _ = build_steps(config, model_cfg)
+  state = steps.init_state(model)
+  shardings = mesh_lib.shardings(state_specs(steps, model, state, mesh), mesh)
+  batch = jax.device_put(synthetic_batch(config, model_cfg), mesh_lib.batch_sharding(mesh))
+  return (jax.device_put(state, shardings), batch,
+          jit_steps(steps, shardings, mesh_lib.batch_sharding(mesh)))
+
+
 def main(argv) -> None:
   del argv
   config = _CONFIG.value
@@ -53,15 +62,7 @@ def main(argv) -> None:
   info = {"kind": "text", "vocab_size": 256, "source": "synthetic"} if config.model.name == "llama" else \
       {"kind": "image", "image_shape": (32, 32, 3), "num_classes": 10, "source": "synthetic"}
   model_cfg = config_lib.model_config(config, info)
-  mesh = mesh_lib.make_mesh(sizes, jax.devices()[:math.prod(sizes.values())])
-  model = models.build(model_cfg, seed=0)
-  tx, _ = make_optimizer(nnx.to_pure_dict(nnx.state(model, nnx.Param)), config)
-  steps = Steps(model, tx, schedule(config))
-  state = steps.init_state(model)
-  shardings = mesh_lib.shardings(state_specs(steps, model, state, mesh), mesh)
-  state = jax.device_put(state, shardings)
-  batch = jax.device_put(synthetic_batch(config, model_cfg), mesh_lib.batch_sharding(mesh))
-  compiled = jit_steps(steps, shardings, mesh_lib.batch_sharding(mesh))
+  state, batch, compiled = sharded_setup(config, model_cfg, sizes)
   num_params = sum(x.size for x in jax.tree.leaves(state["params"]))
   tokens = config.train.batch_size * (config.data.seq_len if model_cfg.name == "llama" else 1)
   seq = config.data.seq_len if model_cfg.name == "llama" else (model_cfg.image_size // model_cfg.patch_size) ** 2

@@ -22,12 +22,11 @@ import jax
 import ml_collections as mlc
 import numpy as np
 import orbax.checkpoint as ocp
-from flax import nnx
 
 from experiments import sweep
 from normjax import config as config_lib
-from normjax import data, models, stats
-from normjax.train.optim import make_optimizer, schedule
+from normjax import data, stats
+from normjax.train.loop import build_steps
 from normjax.train.step import Steps, task_loss
 from normjax.train.writer import read_jsonl
 
@@ -52,9 +51,7 @@ def restore(workdir: pathlib.Path) -> tuple[mlc.ConfigDict, Steps, dict[str, Any
   the saved ``state`` item; only that item of the composite checkpoint is read.
   """
   config = mlc.ConfigDict(json.loads((workdir / "config.json").read_text()))
-  model = models.build(config_lib.model_config(config, data.info(config.data)), seed=config.seed)
-  tx, _ = make_optimizer(nnx.to_pure_dict(nnx.state(model, nnx.Param)), config)
-  steps = Steps(model, tx, schedule(config))
+  model, steps, _ = build_steps(config, config_lib.model_config(config, data.info(config.data)))
   manager = ocp.CheckpointManager((workdir / "checkpoints").absolute())
   try:
     step = manager.latest_step()
@@ -65,6 +62,14 @@ def restore(workdir: pathlib.Path) -> tuple[mlc.ConfigDict, Steps, dict[str, Any
   finally:
     manager.close()
   return config, steps, state["state"]
+
+
+def validation_batch(config: mlc.ConfigDict, num_batches: int) -> dict[str, np.ndarray]:
+  """The first ``num_batches`` validation batches of ``train.batch_size``, concatenated (the loop's
+  evaluation set when ``num_batches == train.eval_steps``): ``[num_batches * batch, ...]``."""
+  validation = data.load(config.data, "validation", config.train.batch_size)
+  return jax.tree.map(lambda *parts: np.concatenate(parts),
+                      *[validation.batch(i) for i in range(num_batches)])
 
 
 def analyze(workdir: str | pathlib.Path, *, num_batches: int = 4, threshold: float = 0.01
@@ -85,9 +90,7 @@ def analyze(workdir: str | pathlib.Path, *, num_batches: int = 4, threshold: flo
   """
   workdir = pathlib.Path(workdir)
   config, steps, state = restore(workdir)
-  validation = data.load(config.data, "validation", config.train.batch_size)
-  batch = jax.tree.map(lambda *parts: np.concatenate(parts),
-                       *[validation.batch(i) for i in range(num_batches)])
+  batch = validation_batch(config, num_batches)
   model = steps.model(state["params"], state["norm_state"])
   losses = np.asarray(stats.removal_losses(model, batch, lambda logits, b: task_loss(logits, b)[0]),
                       np.float64)  # [L+1]: full model, then without block 1..L

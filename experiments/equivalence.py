@@ -24,11 +24,10 @@ import json
 import pathlib
 from typing import Any
 
-import jax
 import numpy as np
 
 from experiments import depth_analysis, sweep
-from normjax import convert, data
+from normjax import convert
 from normjax.train.step import task_loss
 from normjax.train.writer import read_jsonl
 
@@ -88,9 +87,7 @@ def converted_losses(workdir: pathlib.Path, num_batches: int = 4) -> dict[str, f
   """The paper's conversion applied to the TRAINED Pre-LN model: validation loss of the model, of
   ``convert.to_rms`` of it and of ``convert.to_crms`` of that (equal up to float32 rounding)."""
   config, steps, state = depth_analysis.restore(workdir)
-  validation = data.load(config.data, "validation", config.train.batch_size)
-  batch = jax.tree.map(lambda *parts: np.concatenate(parts),
-                       *[validation.batch(i) for i in range(num_batches)])
+  batch = depth_analysis.validation_batch(config, num_batches)
   ln = steps.model(state["params"], state["norm_state"])
   rms = convert.to_rms(ln)
   loss = lambda model: float(task_loss(model(batch["inputs"])[0], batch)[0])

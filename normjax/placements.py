@@ -22,13 +22,14 @@ also returns the per-sublayer statistics of METHODS.md section 7 (float32 scalar
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+
+from normjax.norms._util import closest
 
 Array = jax.Array
 Branch = Callable[[Array], tuple[Array, dict[str, Array]]]
@@ -207,7 +208,7 @@ def names() -> list[str]:
 def get(name: str) -> Placement:
   """The placement called ``name``; ValueError naming the value, the closest match and the choices."""
   if name not in _REGISTRY:
-    close = difflib.get_close_matches(str(name), names(), n=1)
-    hint = f" Did you mean {close[0]!r}?" if close else ""
+    close = closest(name, names())
+    hint = f" Did you mean {close!r}?" if close else ""
     raise ValueError(f"unknown placement {name!r}.{hint} Valid placements: {names()}")
   return _REGISTRY[name]

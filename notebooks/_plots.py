@@ -25,8 +25,9 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # so that ``experiments`` and ``normjax`` import from a notebook
   sys.path.insert(0, str(REPO))
 
-# experiments.placement_study.PLACEMENTS, in order: a placement keeps its colour in every figure
-PLACEMENTS = ("pre", "post", "peri", "mix", "lns", "deepnorm", "post_only", "none", "dyt")
+from experiments.placement_study import PLACEMENTS  # noqa: E402  (after the path set-up above)
+from normjax.train.writer import read_jsonl  # noqa: E402
+
 NAME = re.compile(r"(?P<model>[a-z0-9]+)_(?P<placement>.+)_L(?P<depth>\d+)$")
 
 
@@ -50,7 +51,8 @@ def load_runs(sweep_dir: str | pathlib.Path) -> list[dict[str, Any]]:
 
 
 def color(placement: str) -> str:
-  """The placement's colour (tab10, in ``PLACEMENTS`` order; others share the last one)."""
+  """The placement's colour (tab10, in ``PLACEMENTS`` order: the same in every figure; others share
+  the last one)."""
   return f"C{PLACEMENTS.index(placement) if placement in PLACEMENTS else 9}"
 
 
@@ -71,9 +73,7 @@ def grad_norm(run: dict[str, Any]) -> np.ndarray:
 
 def metrics(run: dict[str, Any], key: str = "train/loss") -> tuple[np.ndarray, np.ndarray]:
   """(steps, values) of one metric from ``metrics.jsonl`` (rows without the key are skipped)."""
-  path = run["dir"] / "metrics.jsonl"
-  rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-  rows = [row for row in rows if key in row]
+  rows = [row for row in read_jsonl(run["dir"] / "metrics.jsonl") if key in row]
   return np.array([r["step"] for r in rows]), np.array([r[key] for r in rows], dtype=float)
 
 

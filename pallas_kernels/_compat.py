@@ -35,11 +35,9 @@ def supported_backend() -> bool:
   return backend() in GPU_PLATFORMS or interpret()
 
 
-def compiler_params(num_warps: int, num_stages: int | None = None) -> pltriton.CompilerParams:
+def compiler_params(num_warps: int) -> pltriton.CompilerParams:
   """Triton parameters: passing them is what selects the (deprecated) Triton lowering over Mosaic."""
-  if num_stages is None:
-    return pltriton.CompilerParams(num_warps=num_warps)
-  return pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+  return pltriton.CompilerParams(num_warps=num_warps)
 
 
 def device_kind() -> str:

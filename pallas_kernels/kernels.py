@@ -82,9 +82,12 @@ def default_config(n: int, d: int, config: KernelConfig | None = None) -> Kernel
       bwd_programs=min(pick(config.bwd_programs, programs), pl.cdiv(n, bwd_rows)))
 
 
-def _center_and_rstd(xf: Array, valid: Array, kind: str, d: int, eps: float
-                     ) -> tuple[Array, Array, Array]:
-  """``xf [rows, Dp]`` zero outside ``valid`` -> (x - mean [rows, Dp], mean [rows], rstd [rows])."""
+def row_statistics(xf: Array, valid: Array | bool, kind: str, d: int, eps: float
+                   ) -> tuple[Array, Array, Array]:
+  """``xf [rows, Dp]`` float32, zero outside ``valid`` -> (x - mean [rows, Dp], mean [rows], rstd [rows]).
+
+  The statistics in the module docstring; shared by the kernel (Dp >= D, masked) and the XLA path
+  of ``ops`` (Dp == D, ``valid=True``)."""
   total = jnp.sum(xf, axis=1)
   if kind == "layer_norm":
     mean = total / d
@@ -113,7 +116,7 @@ def _forward_kernel(*refs, st: Static, d: int):
     x = x + r_ref[...]  # in the input dtype, exactly like the unfused ``x + residual``
     s_ref[...] = x
   valid = lax.broadcasted_iota(jnp.int32, x.shape, 1) < d
-  xc, mean, rstd = _center_and_rstd(jnp.where(valid, x.astype(F32), 0.0), valid, st.kind, d, st.eps)
+  xc, mean, rstd = row_statistics(jnp.where(valid, x.astype(F32), 0.0), valid, st.kind, d, st.eps)
   y = xc * rstd[:, None]
   if w_ref is not None:
     w = w_ref[...]
@@ -168,21 +171,19 @@ def _backward_kernel(*refs, st: Static, n: int, d: int, rows_per_program: int, b
   program = pl.program_id(0)
   start = program * rows_per_program
   stop = jnp.minimum(start + rows_per_program, n)
-  w = None
-  if w_ref is not None:
-    w = jnp.where(col_ok, pltriton.load(w_ref.at[pl.ds(0, dp)], mask=col_ok, other=0.0).astype(F32), 0.0)
+  # Masked loads with ``other=0`` already zero the padding (interpret mode applies the same where).
+  w = None if w_ref is None else pltriton.load(w_ref.at[pl.ds(0, dp)], mask=col_ok, other=0.0).astype(F32)
+  partials = {name: ref for name, ref in (("dw", dw_ref), ("db", db_ref)) if ref is not None}
 
   def rows(ref, r0, mask):
-    return jnp.where(mask, pltriton.load(ref.at[pl.ds(r0, bm), pl.ds(0, dp)], mask=mask, other=0.0)
-                     .astype(F32), 0.0)
+    return pltriton.load(ref.at[pl.ds(r0, bm), pl.ds(0, dp)], mask=mask, other=0.0).astype(F32)
 
   def body(step, sums):
-    dw_sum, db_sum = sums
     r0 = start + step * bm
     row_ok = r0 + jnp.arange(bm) < stop
     ok = row_ok[:, None] & col_ok[None, :]
-    mean = jnp.where(row_ok, pltriton.load(mean_ref.at[pl.ds(r0, bm)], mask=row_ok, other=0.0), 0.0)
-    rstd = jnp.where(row_ok, pltriton.load(rstd_ref.at[pl.ds(r0, bm)], mask=row_ok, other=0.0), 0.0)
+    mean = pltriton.load(mean_ref.at[pl.ds(r0, bm)], mask=row_ok, other=0.0)
+    rstd = pltriton.load(rstd_ref.at[pl.ds(r0, bm)], mask=row_ok, other=0.0)
     dy = rows(dy_ref, r0, ok)
     xhat = jnp.where(ok, (rows(x_ref, r0, ok) - mean[:, None]) * rstd[:, None], 0.0)
     g = dy if w is None else dy * w[None, :]
@@ -197,14 +198,14 @@ def _backward_kernel(*refs, st: Static, n: int, d: int, rows_per_program: int, b
     if ds_ref is not None:
       dx = dx + rows(ds_ref, r0, ok)
     pltriton.store(dx_ref.at[pl.ds(r0, bm), pl.ds(0, dp)], dx.astype(dx_ref.dtype), mask=ok)
-    return dw_sum + jnp.sum(dy * xhat, axis=0), db_sum + jnp.sum(dy, axis=0)
+    # Only the sums that are written are accumulated: each is a [Dp] float32 register vector.
+    terms = {"dw": lambda: jnp.sum(dy * xhat, axis=0), "db": lambda: jnp.sum(dy, axis=0)}
+    return {name: total + terms[name]() for name, total in sums.items()}
 
-  zeros = jnp.zeros((dp,), F32)
-  dw_sum, db_sum = lax.fori_loop(0, rows_per_program // bm, body, (zeros, zeros))
-  if dw_ref is not None:
-    pltriton.store(dw_ref.at[program, pl.ds(0, dp)], dw_sum, mask=col_ok)
-  if db_ref is not None:
-    pltriton.store(db_ref.at[program, pl.ds(0, dp)], db_sum, mask=col_ok)
+  sums = lax.fori_loop(0, rows_per_program // bm, body,
+                       {name: jnp.zeros((dp,), F32) for name in partials})
+  for name, ref in partials.items():
+    pltriton.store(ref.at[program, pl.ds(0, dp)], sums[name], mask=col_ok)
 
 
 def backward(x: Array, dy: Array, ds: Array | None, mean: Array, rstd: Array, weight: Array | None,

@@ -63,6 +63,7 @@ class _Args(NamedTuple):
   casting: str
   config: KernelConfig | None
   row_axes: tuple[str, ...]
+  stats: bool  # return_stats: the XLA path computes statistics only then; the kernel always has them
 
 
 def effective_weight(scale: Array | None, width: int, scale_offset: float, out_scale: Any,
@@ -83,23 +84,20 @@ def effective_weight(scale: Array | None, width: int, scale_offset: float, out_s
 
 
 # ---------------------------------------------------------------------------------------------
-# Implementations: (x, scale, bias, residual, args) -> (y, new residual or None, mean, rstd).
+# Implementations: (x, scale, bias, residual, args) -> (y, new residual or None, mean, rstd); the
+# XLA path returns None statistics unless ``args.stats``.
 
 def _xla(x, scale, bias, residual, a: _Args):
   s = x if residual is None else x + residual
   y = _REFERENCE[a.kind](s, scale, bias, eps=a.eps, out_scale=a.out_scale,
                          scale_offset=a.scale_offset, casting=a.casting)
-  sf = lax.stop_gradient(s).astype(F32)
+  if not a.stats:
+    return y, (None if residual is None else s), None, None
   d = s.shape[-1]
-  if a.kind == "layer_norm":
-    mean = jnp.mean(sf, -1)
-    mean_square = jnp.mean(jnp.square(sf - mean[..., None]), -1)
-  else:
-    mean = jnp.zeros(sf.shape[:-1], F32)
-    mean_square = jnp.sum(jnp.square(sf), -1)
-    mean_square = ((mean_square + jnp.square(jnp.sum(sf, -1))) / (d + 1) if a.kind == "crms_norm"
-                   else mean_square / d)
-  return y, (None if residual is None else s), mean, lax.rsqrt(mean_square + a.eps)
+  rows = lax.stop_gradient(s).astype(F32).reshape(-1, d)
+  _, mean, rstd = kernels.row_statistics(rows, True, a.kind, d, a.eps)
+  return (y, (None if residual is None else s), mean.reshape(s.shape[:-1]),
+          rstd.reshape(s.shape[:-1]))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -156,26 +154,9 @@ def _row_sharded(fn: Callable[..., Any], row_axes: Sequence[str], x, residual, w
     rows = P(axes)
   else:
     rows = P()  # a leading axis the mesh does not divide: every device normalizes every row
-  arrays = (x, residual, weight, bias)
-  present = [i for i, t in enumerate(arrays) if t is not None]
-  in_specs = tuple(rows if i < 2 else P() for i in present)
-
-  def local(*values):
-    full = [None] * 4
-    for i, value in zip(present, values):
-      full[i] = value
-    return fn(*full)
-
-  out_specs = (rows, rows if residual is not None else None, rows, rows)
-  y, s, mean, rstd = jax.shard_map(
-      lambda *v: _fill_none(local(*v)), in_specs=in_specs,
-      out_specs=_fill_none(out_specs), check_vma=False)(*[arrays[i] for i in present])
-  return y, (None if residual is None else s), mean, rstd
-
-
-def _fill_none(values: tuple[Any, ...]) -> tuple[Any, ...]:
-  """shard_map needs a spec per output; an absent residual output is an empty tuple, not None."""
-  return tuple(() if v is None else v for v in values)
+  # An absent residual or bias is None: an empty pytree, which shard_map passes through.
+  return jax.shard_map(fn, in_specs=(rows, rows, P(), P()), out_specs=(rows, rows, rows, rows),
+                       check_vma=False)(x, residual, weight, bias)
 
 
 def _triton(x, scale, bias, residual, a: _Args):
@@ -208,7 +189,7 @@ def _norm(kind: str, x: Array, scale: Array | None, bias: Array | None, residual
     if p is not None and tuple(p.shape) != x.shape[-1:]:
       raise ValueError(f"{name} has shape {tuple(p.shape)}; normalizing the last axis of an input of "
                        f"shape {tuple(x.shape)} needs {x.shape[-1:]}")
-  args = _Args(kind, eps, scale_offset, out_scale, casting, config, tuple(row_axes))
+  args = _Args(kind, eps, scale_offset, out_scale, casting, config, tuple(row_axes), return_stats)
   reasons = []
   for name in _candidates(impl, kind, x, residual):
     try:
@@ -228,6 +209,9 @@ def _norm(kind: str, x: Array, scale: Array | None, bias: Array | None, residual
                             + "; ".join(reasons))
 
 
+CRMS_WIDTH = " (the d-1 stored coordinates; the original width is D+1)"
+
+
 def _op(kind: str, summary: str) -> Callable[..., Any]:
   def op(x: Array, scale: Array | None = None, bias: Array | None = None, *,
          residual: Array | None = None, eps: float = 1e-6, scale_offset: float = 0.0,
@@ -243,7 +227,7 @@ def _op(kind: str, summary: str) -> Callable[..., Any]:
   Math, defaults and ``casting`` as in ``normjax.norms.{kind}`` (the ``xla`` implementation).
 
   Args:
-    x: input ``[..., D]``{" (the d-1 stored coordinates; the original width is D+1)" if kind == "crms_norm" else ""}.
+    x: input ``[..., D]``{CRMS_WIDTH if kind == "crms_norm" else ""}.
     scale, bias: optional ``[D]`` parameters.
     residual: optional ``[..., D]`` (x's dtype); the op normalizes ``x + residual`` and also returns it.
     eps, scale_offset, out_scale, casting: as in the reference.
@@ -257,6 +241,7 @@ def _op(kind: str, summary: str) -> Callable[..., Any]:
   return op
 
 
-layer_norm = _op("layer_norm", "LayerNorm ``(x - mean) * rsqrt(var + eps) * (scale + offset) * out_scale + bias``")
+layer_norm = _op("layer_norm",
+                 "LayerNorm ``(x - mean) * rsqrt(var + eps) * (scale + offset) * out_scale + bias``")
 rms_norm = _op("rms_norm", "RMSNorm ``x * rsqrt(mean(x^2) + eps) * (scale + offset) * out_scale + bias``")
 crms_norm = _op("crms_norm", "Compressed RMSNorm ``xc * rsqrt((sum(xc^2) + sum(xc)^2)/(D+1) + eps)``")

@@ -8,7 +8,6 @@ work.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import glob
 import os
 from typing import Any
@@ -16,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from normjax.data import batches, corpus
+from normjax.norms._util import closest
 
 DATASETS = ("stdlib_bytes", "text_files", "fashion_mnist_deb", "sklearn_digits")
 TEXT_DATASETS = ("stdlib_bytes", "text_files")
@@ -40,8 +40,8 @@ def resolve_name(name: str) -> str:
 
 
 def _choices(name: str) -> str:
-  close = difflib.get_close_matches(name, DATASETS, n=1)
-  hint = f"; did you mean {close[0]!r}?" if close else ""
+  close = closest(name, DATASETS)
+  hint = f"; did you mean {close!r}?" if close else ""
   return f"built-in: {list(DATASETS)} (or {AUTO_IMAGES!r}){hint}"
 
 

@@ -15,6 +15,7 @@ import jax
 
 import pallas_kernels
 from normjax import norms
+from normjax.norms._util import check_choice
 
 MODEL_NAMES = ("llama", "vit")
 DTYPES = ("float32", "bfloat16")
@@ -135,16 +136,12 @@ class ModelConfig:
     """Checks every field against the others; returns self so calls chain."""
     from normjax import placements, variance  # local: both import this module
 
-    def choice(field, value, choices):
-      if value not in choices:
-        raise ValueError(f"{field}={value!r} is not valid; choose one of {list(choices)}")
-
-    choice("model.name", self.name, MODEL_NAMES)
-    choice("model.dtype", self.dtype, DTYPES)
-    choice("model.param_dtype", self.param_dtype, DTYPES)
-    choice("model.remat", self.remat, REMAT_POLICIES)
-    choice("model.pool", self.pool, POOLS)
-    choice("model.init.scheme", self.init.scheme, variance.init_schemes())
+    check_choice(self.name, "model.name", MODEL_NAMES)
+    check_choice(self.dtype, "model.dtype", DTYPES)
+    check_choice(self.param_dtype, "model.param_dtype", DTYPES)
+    check_choice(self.remat, "model.remat", REMAT_POLICIES)
+    check_choice(self.pool, "model.pool", POOLS)
+    check_choice(self.init.scheme, "model.init.scheme", variance.init_schemes())
     for field in ("num_layers", "d_model", "num_heads", "vocab_size", "patch_size", "num_classes"):
       if getattr(self, field) < 1:
         raise ValueError(f"model.{field}={getattr(self, field)} must be positive")
@@ -161,7 +158,7 @@ class ModelConfig:
       spec.options(**self.norm.options)
     except ValueError as error:
       raise ValueError(f"model.norm: {error}") from None
-    choice("model.norm.impl", self.norm.impl, pallas_kernels.IMPLS)
+    check_choice(self.norm.impl, "model.norm.impl", pallas_kernels.IMPLS)
     if self.norm.impl not in ("auto", "xla") and "impl" not in spec.defaults:
       raise ValueError(f"model.norm.impl={self.norm.impl!r} needs a kind with a fused kernel "
                        f"(layer_norm, rms_norm, crms_norm); model.norm.kind={self.norm.kind!r} has "

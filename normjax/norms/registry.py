@@ -16,7 +16,6 @@ be traced. An unknown name or option is a ValueError naming the value and the va
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any
@@ -26,7 +25,7 @@ import jax.numpy as jnp
 
 import pallas_kernels
 from normjax.norms import batch, power, standard, weight
-from normjax.norms._util import Array, canonical_axes, param_shape
+from normjax.norms._util import Array, canonical_axes, closest, param_shape
 
 Params = dict[str, Array]
 State = dict[str, Array]
@@ -113,8 +112,8 @@ def get(name: str) -> NormSpec:
   key = _ALIASES.get(name, name) if isinstance(name, str) else name
   if key not in _REGISTRY:
     choices = names() + sorted(_ALIASES)
-    close = difflib.get_close_matches(str(name), choices, n=1)
-    hint = f" Did you mean {close[0]!r}?" if close else ""
+    close = closest(name, choices)
+    hint = f" Did you mean {close!r}?" if close else ""
     raise ValueError(f"unknown norm {name!r}.{hint} Valid norms: {names()} "
                      f"(aliases: {sorted(_ALIASES)})")
   return _REGISTRY[key]

@@ -48,6 +48,14 @@ def state_specs(steps: Steps, model: Any, state: dict[str, Any], mesh: Any) -> d
           "opt_state": opt_specs}
 
 
+def build_steps(config: mlc.ConfigDict, model_cfg: Any) -> tuple[nnx.Module, Steps, Any]:
+  """The model (seeded by ``config.seed``), its optimizer and ``Steps``, exactly as ``train`` builds
+  them (so a restored checkpoint matches); returns (model, steps, weight-decay mask)."""
+  model = models.build(model_cfg, seed=config.seed)
+  tx, decay = make_optimizer(nnx.to_pure_dict(nnx.state(model, nnx.Param)), config)
+  return model, Steps(model, tx, schedule(config)), decay
+
+
 def train(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
   # ---------------------------------------------------------------- validate (no JAX work yet)
   _, sizes = config_lib.validate(config, jax.device_count())
@@ -63,9 +71,7 @@ def train(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
   throughput_key = "tokens_per_second" if info["kind"] == "text" else "images_per_second"
   # ---------------------------------------------------------------- model, optimizer, sharding
   mesh = mesh_lib.make_mesh(sizes, jax.devices()[:math.prod(sizes.values())])
-  model = models.build(model_cfg, seed=config.seed)
-  tx, decay = make_optimizer(nnx.to_pure_dict(nnx.state(model, nnx.Param)), config)
-  steps = Steps(model, tx, schedule(config))
+  model, steps, decay = build_steps(config, model_cfg)
   state = steps.init_state(model)
   specs = state_specs(steps, model, state, mesh)
   state_shardings = mesh_lib.shardings(specs, mesh)
