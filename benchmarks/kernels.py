@@ -1,6 +1,6 @@
 """Norm kernels side by side (XLA vs Pallas vs tokamax): fwd and fwd+bwd time, GB/s, fraction of copy.
 
-    python -m benchmarks.kernels --markdown                  # GPU: the KERNELS.md section 8 shapes, bf16
+    python -m benchmarks.kernels --markdown                  # GPU: the default target shapes, bf16
     python -m benchmarks.kernels --shapes 64x128,64x1000     # CPU smoke run (Pallas interpret mode)
     python -m benchmarks.kernels --write-auto-table --end-to-end   # GPU: feed impl='auto'; a train step
 
@@ -8,7 +8,7 @@ Per shape: a copy kernel ``y = x * 2`` (the bandwidth ceiling), then each op (la
 bias, rms_norm and crms_norm with scale, as the models use them) with the residual add fused off and on,
 per impl (xla, pallas, tokamax if importable: no crms_norm, and its "add" rows add in XLA). fwd+bwd is
 a jit of ``jax.vjp`` pulling constant cotangents through y (and x + r) to x, r, scale and bias. GB/s
-counts KERNELS.md section 3's minimal traffic in [N, D] tensors: fwd 2, fwd+bwd 5; fused fwd 4, fwd+bwd
+counts the minimal traffic (docs/kernels.md) in [N, D] tensors: fwd 2, fwd+bwd 5; fused fwd 4, fwd+bwd
 8. Times: medians of interleaved repeats (``benchmarks.conversion``) of ``--inner`` queued calls each.
 """
 
@@ -31,7 +31,7 @@ from pallas_kernels import auto
 
 try:
   import tokamax
-except ImportError:  # optional GPU peer (KERNELS.md section 2); absent in CI
+except ImportError:  # optional GPU peer; absent in CI
   tokamax = None
 
 OPS = ("layer_norm", "rms_norm", "crms_norm")
@@ -178,7 +178,7 @@ def stepper(step, state, batch):
 def end_to_end(args, dtype) -> None:
   """Plain train step of ``--e2e-config`` with ``model.norm.impl`` = xla vs pallas, built as in
   ``benchmarks.train_step`` (imported here, not at the top: it defines absl flags)."""
-  from benchmarks.train_step import sharded_setup
+  from benchmarks.train_step import sharded_setup, synthetic_data
   from normjax import config as config_lib
 
   print(f"\nend to end: {args.e2e_config}, dtype {dtype.name}, plain train step (model.norm.impl)")
@@ -186,13 +186,13 @@ def end_to_end(args, dtype) -> None:
   for impl in ("xla", "pallas"):
     try:
       config = config_lib.load(args.e2e_config, {"model.dtype": dtype.name, "model.norm.impl": impl})
-      _, sizes = config_lib.validate(config, jax.device_count())
-      model_cfg = config_lib.model_config(config, {"kind": "text", "vocab_size": 256, "source": "synthetic"})
+      sizes = config_lib.validate(config, jax.device_count()).mesh
+      model_cfg = config_lib.model_config(config, synthetic_data(config))
     except ValueError as e:
       print(f"  skipped impl={impl}: {e}")
       continue
     state, batch, compiled = sharded_setup(config, model_cfg, sizes)
-    steppers.append(stepper(compiled[False], state, batch))
+    steppers.append(stepper(compiled.train, state, batch))
     labels.append(impl)
   if not steppers:
     return

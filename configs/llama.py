@@ -6,8 +6,9 @@ Launch:
   python -m normjax.train --config=configs/llama.py:tiny --config.model.norm.kind=dyt \
       --config.train.steps=100 --workdir=runs/dyt
 
-Argument keys: variant (tiny, 20m, 60m, 130m, 350m, 1b), norm, placement, depth (0 = the variant's),
-init, dtype, steps (0 = the variant's), impl (norm kernels: auto, xla, pallas).
+Argument keys: variant (a key of VARIANTS), norm, placement, depth, init, dtype, steps, impl (norm
+kernels: auto, xla, pallas). depth and steps left unset mean the variant's. Every section the run
+reads is below; any field can be overridden with --config.<section>.<field>=value.
 """
 
 from __future__ import annotations
@@ -15,47 +16,57 @@ from __future__ import annotations
 import ml_collections as mlc
 
 from normjax import config as common
+from normjax import variance
 
-# name: (num_layers, d_model, num_heads, seq_len, batch_size, steps, lr, warmup)
+# The 130m-1b sizes and their lr/steps/warmup are the LLaMA harness shared by the Mix-LN
+# (arXiv:2412.13795) and LayerNorm Scaling (arXiv:2502.05795) papers, itself from GaLore
+# (arXiv:2403.03507): C4, sequence 256, batch 512. 20m/60m are smaller steps of the same ladder.
 VARIANTS = {
-    "tiny": (4, 128, 4, 128, 16, 300, 3e-3, 30),  # CPU in about 2 minutes
-    "20m": (6, 384, 6, 256, 64, 10_000, 1e-3, 1_000),
-    "60m": (8, 512, 8, 256, 256, 10_000, 1e-3, 1_000),
-    "130m": (12, 768, 12, 256, 512, 20_000, 1e-3, 2_000),  # LNS / Mix-LN harness sizes
-    "350m": (24, 1024, 16, 256, 512, 60_000, 5e-4, 6_000),
-    "1b": (24, 2048, 32, 256, 512, 100_000, 5e-4, 1_000),
+    "tiny": dict(num_layers=4, d_model=128, num_heads=4, seq_len=128, batch_size=16, steps=300,
+                 lr=3e-3, warmup_steps=30),  # CPU in about 2 minutes
+    "20m": dict(num_layers=6, d_model=384, num_heads=6, seq_len=256, batch_size=64, steps=10_000,
+                lr=1e-3, warmup_steps=1_000),
+    "60m": dict(num_layers=8, d_model=512, num_heads=8, seq_len=256, batch_size=256, steps=10_000,
+                lr=1e-3, warmup_steps=1_000),
+    "130m": dict(num_layers=12, d_model=768, num_heads=12, seq_len=256, batch_size=512, steps=20_000,
+                 lr=1e-3, warmup_steps=2_000),  # Mix-LN / LNS 130M
+    "350m": dict(num_layers=24, d_model=1024, num_heads=16, seq_len=256, batch_size=512, steps=60_000,
+                 lr=5e-4, warmup_steps=6_000),  # LNS 350M
+    "1b": dict(num_layers=24, d_model=2048, num_heads=32, seq_len=256, batch_size=512, steps=100_000,
+               lr=5e-4, warmup_steps=1_000),  # Mix-LN / LNS 1B
 }
 
 
 def get_config(arg: str | None = None) -> mlc.ConfigDict:
-  arg = common.parse_arg(arg, variant="tiny", norm="rms_norm", placement="pre", depth=0, init="normal",
-                         dtype="float32", steps=0, impl="auto")
-  if arg.variant not in VARIANTS:
-    raise ValueError(f"variant={arg.variant!r} is unknown; choose one of {list(VARIANTS)}")
-  layers, width, heads, seq_len, batch, steps, lr, warmup = VARIANTS[arg.variant]
+  arg = common.parse_arg(arg, variant="tiny", norm="rms_norm", placement="pre",
+                         depth=common.placeholder(int), init="normal", dtype="float32",
+                         steps=common.placeholder(int), impl="auto")
+  common.check_choice(arg.variant, "variant", list(VARIANTS))
+  v = VARIANTS[arg.variant]
   c = mlc.ConfigDict()
   c.seed = 0  # parameter init seed (data order has its own, data.shuffle_seed)
   c.model = mlc.ConfigDict(dict(
       name="llama",  # model family: llama or vit
-      num_layers=arg.depth or layers,  # blocks L
-      d_model=width,  # residual width
-      num_heads=heads,  # attention heads
-      num_kv_heads=0,  # grouped-query heads (0 = num_heads)
-      mlp_dim=0,  # SwiGLU hidden width (0 = 8d/3 rounded up to 16)
+      num_layers=arg.depth or v["num_layers"],  # blocks L
+      d_model=v["d_model"],  # residual width
+      num_heads=v["num_heads"],  # attention heads
+      num_kv_heads=common.placeholder(int),  # grouped-query heads (None = num_heads)
+      mlp_dim=common.placeholder(int),  # SwiGLU hidden width (None = 8d/3 rounded up to 16)
       vocab_size=256,  # bytes
+      rope_theta=10_000.0,  # rotary embedding base
       tie_embeddings=False,  # head reuses the token embedding
       norm=dict(kind=arg.norm,  # normjax.norms.names()
-                options={},  # that kind's options (eps, casting, ...)
+                options={},  # that kind's options (eps, casting, ...; not impl or param_dtype)
                 impl=arg.impl),  # xla, pallas (fused kernels), triton, auto (measured fastest)
       placement=dict(kind=arg.placement,  # normjax.placements.names()
                      final_norm=True,  # norm before the head
                      embed_norm=False,  # norm after the embedding (Peri-LN option)
                      mix_alpha=0.25,  # mix: fraction of Post-LN blocks
-                     deepnorm_alpha=0.0),  # deepnorm residual gain (0 = (2L)^(1/4))
+                     deepnorm_alpha=common.placeholder(float)),  # deepnorm gain (None = (2L)^(1/4))
       init=dict(scheme=arg.init,  # normal, lir, scaled, deepnorm
                 std=0.02),  # base std of the normal initializers
       dtype=arg.dtype,  # compute dtype: float32 or bfloat16
-      param_dtype="float32",  # parameter dtype
+      param_dtype="float32",  # parameter dtype (norm parameters too)
       scan_layers=True,  # nnx.scan over depth (False: unrolled)
       remat="none",  # none, full, dots
       zero_mean_writers=False,  # W - mean_out(W) for residual writers (LN == RMSNorm exactly)
@@ -65,8 +76,41 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
       name="stdlib_bytes",  # stdlib_bytes, text_files, or a prepared TFDS dataset name
       data_dir="",  # where datasets are built and cached ("" = $NORMJAX_DATA_DIR or ~/.cache/normjax)
       text_dir="",  # text_files: a directory of text files
-      seq_len=seq_len,  # tokens (bytes) per example
+      seq_len=v["seq_len"],  # tokens (bytes) per example
       shuffle_seed=0,  # data order; batch(step) depends only on this and the step
   ))
-  common.train_sections(c, steps=arg.steps or steps, batch_size=batch, lr=lr, warmup=warmup)
+  c.train = mlc.ConfigDict(dict(
+      steps=arg.steps or v["steps"],  # optimizer steps
+      batch_size=v["batch_size"],  # global batch (split over the data and fsdp mesh axes)
+      log_every=10,  # steps between metrics.jsonl rows
+      eval_every=100,  # steps between validation passes (and one at the end; 0 = only at the end)
+      eval_steps=4,  # validation batches per pass
+  ))
+  c.optim = mlc.ConfigDict(dict(
+      lr=v["lr"],  # peak learning rate of the warmup + cosine schedule
+      warmup_steps=v["warmup_steps"],  # linear warmup from 0
+      min_lr_ratio=0.1,  # cosine decays to lr * min_lr_ratio at train.steps
+      b1=0.9,  # AdamW beta1
+      b2=0.95,  # AdamW beta2
+      eps=1e-8,  # AdamW epsilon
+      weight_decay=0.1,  # decoupled weight decay on the decayed parameters
+      decay_norms_and_biases=False,  # also decay norm parameters and dense biases (MaxText, nanodo do)
+      clip_norm=1.0,  # global gradient-norm clip (0 = off)
+  ))
+  # Target Variance Rescaling (arXiv:2503.17500): every, target_std, threshold, per_layer_target,
+  # defaults in normjax.variance.TVRConfig.
+  c.tvr = common.section(variance.TVRConfig(), enabled=False)
+  c.ckpt = mlc.ConfigDict(dict(
+      every=100,  # steps between asynchronous orbax saves (0 = only at the end)
+      keep=3,  # checkpoints kept
+  ))
+  c.stats = mlc.ConfigDict(dict(
+      every=25,  # steps between per-depth statistics rows (0 = off; costs a second compiled step)
+  ))
+  c.mesh = mlc.ConfigDict(dict(
+      data=-1,  # data-parallel axis size (-1 = all devices left)
+      fsdp=1,  # parameter-sharding axis size
+      tensor=1,  # tensor-parallel axis size
+      num_devices=0,  # devices to use (0 = all visible)
+  ))
   return c

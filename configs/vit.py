@@ -4,8 +4,9 @@ Launch:
   python -m normjax.train --config=configs/vit.py:tiny --workdir=runs/vit_tiny
   python -m normjax.train --config=configs/vit.py:s16,norm=layer_norm,placement=peri --workdir=runs/s16
 
-Argument keys: variant (tiny, s16, b16), norm, placement, depth, init, dtype, steps, impl. image_size,
-channels and num_classes of 0 are read from the dataset; patch_size 0 makes a 4x4 patch grid.
+Argument keys: variant (a key of VARIANTS), norm, placement, depth, init, dtype, steps, impl. Image
+size, channels and classes left unset (None) are read from the dataset; an unset patch size makes a
+4x4 patch grid. Every section the run reads is below.
 """
 
 from __future__ import annotations
@@ -13,42 +14,51 @@ from __future__ import annotations
 import ml_collections as mlc
 
 from normjax import config as common
+from normjax import variance
 
-# name: (num_layers, d_model, num_heads, patch_size, batch_size, steps, lr, warmup)
+# s16/b16: ViT-S/16 and ViT-B/16 (Dosovitskiy et al., arXiv:2010.11929; the S size from DeiT,
+# arXiv:2012.12877) with the ImageNet schedule of "Better plain ViT baselines" (arXiv:2205.01580).
 VARIANTS = {
-    "tiny": (4, 64, 4, 0, 64, 300, 3e-3, 30),  # CPU in about a minute
-    "s16": (12, 384, 6, 16, 1024, 90_000, 1e-3, 10_000),  # ViT-S/16
-    "b16": (12, 768, 12, 16, 1024, 90_000, 1e-3, 10_000),  # ViT-B/16
+    "tiny": dict(num_layers=4, d_model=64, num_heads=4, patch_size=None, batch_size=64, steps=300,
+                 lr=3e-3, warmup_steps=30),  # CPU in about a minute
+    "s16": dict(num_layers=12, d_model=384, num_heads=6, patch_size=16, batch_size=1024,
+                steps=90_000, lr=1e-3, warmup_steps=10_000),
+    "b16": dict(num_layers=12, d_model=768, num_heads=12, patch_size=16, batch_size=1024,
+                steps=90_000, lr=1e-3, warmup_steps=10_000),
 }
 
 
 def get_config(arg: str | None = None) -> mlc.ConfigDict:
-  arg = common.parse_arg(arg, variant="tiny", norm="layer_norm", placement="pre", depth=0,
-                         init="normal", dtype="float32", steps=0, impl="auto")
-  if arg.variant not in VARIANTS:
-    raise ValueError(f"variant={arg.variant!r} is unknown; choose one of {list(VARIANTS)}")
-  layers, width, heads, patch, batch, steps, lr, warmup = VARIANTS[arg.variant]
+  arg = common.parse_arg(arg, variant="tiny", norm="layer_norm", placement="pre",
+                         depth=common.placeholder(int), init="normal", dtype="float32",
+                         steps=common.placeholder(int), impl="auto")
+  common.check_choice(arg.variant, "variant", list(VARIANTS))
+  v = VARIANTS[arg.variant]
   c = mlc.ConfigDict()
   c.seed = 0  # parameter init seed
   c.model = mlc.ConfigDict(dict(
       name="vit",  # model family
-      num_layers=arg.depth or layers,  # blocks L
-      d_model=width,  # residual width
-      num_heads=heads,  # attention heads
-      mlp_dim=0,  # GELU hidden width (0 = 4d)
-      image_size=0,  # square input side (0 = from the dataset)
-      patch_size=patch,  # patch side (0 = image_size // 4)
-      channels=0,  # input channels (0 = from the dataset)
-      num_classes=0,  # classes (0 = from the dataset)
+      num_layers=arg.depth or v["num_layers"],  # blocks L
+      d_model=v["d_model"],  # residual width
+      num_heads=v["num_heads"],  # attention heads
+      mlp_dim=common.placeholder(int),  # GELU hidden width (None = 4d)
+      image_size=common.placeholder(int),  # square input side (None = from the dataset)
+      patch_size=common.placeholder(int, v["patch_size"]),  # patch side (None = image_size // 4)
+      channels=common.placeholder(int),  # input channels (None = from the dataset)
+      num_classes=common.placeholder(int),  # classes (None = from the dataset)
       pool="cls",  # cls token or mean pooling
       norm=dict(kind=arg.norm,  # normjax.norms.names()
-                options={},  # that kind's options (eps, casting, ...)
+                options={},  # that kind's options (eps, casting, ...; not impl or param_dtype)
                 impl=arg.impl),  # xla, pallas (fused kernels), triton, auto (measured fastest)
-      placement=dict(kind=arg.placement, final_norm=True, embed_norm=False, mix_alpha=0.25,
-                     deepnorm_alpha=0.0),  # see configs/llama.py
-      init=dict(scheme=arg.init, std=0.02),  # normal, lir, scaled, deepnorm
+      placement=dict(kind=arg.placement,  # normjax.placements.names()
+                     final_norm=True,  # norm before the head
+                     embed_norm=False,  # norm after the patch embedding (Peri-LN option)
+                     mix_alpha=0.25,  # mix: fraction of Post-LN blocks
+                     deepnorm_alpha=common.placeholder(float)),  # deepnorm gain (None = (2L)^(1/4))
+      init=dict(scheme=arg.init,  # normal, lir, scaled, deepnorm
+                std=0.02),  # base std of the normal initializers
       dtype=arg.dtype,  # compute dtype
-      param_dtype="float32",  # parameter dtype
+      param_dtype="float32",  # parameter dtype (norm parameters too)
       scan_layers=True,  # nnx.scan over depth
       remat="none",  # none, full, dots
       zero_mean_writers=False,  # W - mean_out(W) for residual writers (LN == RMSNorm exactly)
@@ -57,9 +67,39 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   c.data = mlc.ConfigDict(dict(
       name="auto_images",  # auto_images, fashion_mnist_deb, sklearn_digits, or a prepared TFDS name
       data_dir="",  # dataset cache ("" = $NORMJAX_DATA_DIR or ~/.cache/normjax)
-      text_dir="",  # unused for images
-      seq_len=0,  # unused for images
-      shuffle_seed=0,  # data order
+      shuffle_seed=0,  # data order; batch(step) depends only on this and the step
   ))
-  common.train_sections(c, steps=arg.steps or steps, batch_size=batch, lr=lr, warmup=warmup)
+  c.train = mlc.ConfigDict(dict(
+      steps=arg.steps or v["steps"],  # optimizer steps
+      batch_size=v["batch_size"],  # global batch (split over the data and fsdp mesh axes)
+      log_every=10,  # steps between metrics.jsonl rows
+      eval_every=100,  # steps between validation passes (and one at the end; 0 = only at the end)
+      eval_steps=4,  # validation batches per pass
+  ))
+  c.optim = mlc.ConfigDict(dict(
+      lr=v["lr"],  # peak learning rate of the warmup + cosine schedule
+      warmup_steps=v["warmup_steps"],  # linear warmup from 0
+      min_lr_ratio=0.1,  # cosine decays to lr * min_lr_ratio at train.steps
+      b1=0.9,  # AdamW beta1
+      b2=0.95,  # AdamW beta2
+      eps=1e-8,  # AdamW epsilon
+      weight_decay=0.1,  # decoupled weight decay on the decayed parameters
+      decay_norms_and_biases=False,  # also decay norm parameters and dense biases
+      clip_norm=1.0,  # global gradient-norm clip (0 = off)
+  ))
+  # Target Variance Rescaling (arXiv:2503.17500): defaults in normjax.variance.TVRConfig.
+  c.tvr = common.section(variance.TVRConfig(), enabled=False)
+  c.ckpt = mlc.ConfigDict(dict(
+      every=100,  # steps between asynchronous orbax saves (0 = only at the end)
+      keep=3,  # checkpoints kept
+  ))
+  c.stats = mlc.ConfigDict(dict(
+      every=25,  # steps between per-depth statistics rows (0 = off; costs a second compiled step)
+  ))
+  c.mesh = mlc.ConfigDict(dict(
+      data=-1,  # data-parallel axis size (-1 = all devices left)
+      fsdp=1,  # parameter-sharding axis size
+      tensor=1,  # tensor-parallel axis size
+      num_devices=0,  # devices to use (0 = all visible)
+  ))
   return c

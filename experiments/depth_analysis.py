@@ -1,4 +1,4 @@
-"""Layer-removal and angular-distance analysis of finished runs (METHODS.md M4, M5).
+"""Layer-removal and angular-distance analysis of finished runs (``docs/statistics.md``).
 
   python -m experiments.depth_analysis runs/placement_study [--threshold 0.01] [--num-batches 4]
 
@@ -51,7 +51,7 @@ def restore(workdir: pathlib.Path) -> tuple[mlc.ConfigDict, Steps, dict[str, Any
   the saved ``state`` item; only that item of the composite checkpoint is read.
   """
   config = mlc.ConfigDict(json.loads((workdir / "config.json").read_text()))
-  model, steps, _ = build_steps(config, config_lib.model_config(config, data.info(config.data)))
+  model, steps, _ = build_steps(config, config_lib.model_config(config, data.validate(config.data)))
   manager = ocp.CheckpointManager((workdir / "checkpoints").absolute())
   try:
     step = manager.latest_step()

@@ -70,21 +70,14 @@ def run_all(runs: Sequence[Run], out: str | pathlib.Path, shared: Mapping[str, A
   return results
 
 
-def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
-  """``["train.steps=50", "model.d_model=64"]`` -> dict with ints, floats and booleans converted."""
+def parse_overrides(items: Iterable[str]) -> dict[str, str]:
+  """``["train.steps=50", "tvr.enabled=true"]`` -> ``{"train.steps": "50", ...}``; the text is parsed
+  as each field's type when the config is loaded (``normjax.config.load``), strict for booleans."""
   result = {}
   for item in items:
     key, sep, value = item.partition("=")
     if not sep:
-      raise ValueError(f"--set {item!r} is not key=value")
-    for convert in (int, float):
-      try:
-        value = convert(value)
-        break
-      except ValueError:
-        continue
-    if value in ("true", "false", "True", "False"):
-      value = value.lower() == "true"
+      raise common.ConfigError(f"--set {item!r} is not key=value")
     result[key] = value
   return result
 

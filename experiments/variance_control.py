@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from experiments import sweep
+from normjax.train.writer import read_stats
 
 SCALES = {  # d_model, layers, heads, steps, batch, seq_len, stats_every, tvr_every
     "ci": (32, 2, 2, 6, 8, 32, 3, 3),
@@ -57,13 +58,13 @@ def report(out: str | pathlib.Path) -> dict[str, dict[str, Any]]:
     workdir = out / name
     if not (workdir / sweep.RESULT).exists():
       continue
-    stats = workdir / "stats"
-    max_abs = np.load(stats / "mlp.max_abs.npy")  # [logged steps, L]
-    w_std = {path.name[len("w_std."):-len(".npy")]: np.load(path)  # [logged steps, L]
-             for path in sorted(stats.glob("w_std.*.npy"))}
+    stats = read_stats(workdir)
+    max_abs = stats["mlp/max_abs"]  # [logged steps, L]
+    w_std = {key[len("w_std/"):].replace("/", "."): value  # [logged steps, L]
+             for key, value in sorted(stats.items()) if key.startswith("w_std/")}
     final = json.loads((workdir / sweep.RESULT).read_text())
     result[name] = {
-        "steps": np.load(stats / "steps.npy").tolist(),
+        "steps": stats["steps"].tolist(),
         "max_abs_first": max_abs[0].tolist(), "max_abs_last": max_abs[-1].tolist(),
         "top_activation": float(np.max(max_abs[-1])),
         "w_std_last": {k: v[-1].tolist() for k, v in w_std.items()},

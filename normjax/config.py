@@ -1,29 +1,40 @@
-"""Config plumbing: ``parse_arg`` for ``file.py:key=value,...``, the sections every config shares, and
-``validate(config)``, which rejects bad values (naming the field, the value and the choices) before
-any JAX computation or dataset build.
+"""Config plumbing: ``parse_arg`` for ``file.py:key=value,...``, ``load`` with dotted overrides, and
+``validate(config)``, which checks the whole config once (naming the field, the value and the
+choices) before any JAX computation or dataset build and returns the validated typed objects the
+loop uses from then on.
+
+Fields a config leaves to "the default" or "from the dataset" hold None (``placeholder(int)``);
+``model_config`` is the one place they are resolved.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import math
 import pathlib
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import ml_collections as mlc
+from ml_collections.config_dict import FieldReference
 
-from normjax import data
+from normjax import data, variance
+from normjax.axes import MESH_AXES
 from normjax.models import ModelConfig
+from normjax.validation import ConfigError, check_choice, parse_value
 
-MESH_AXES = ("data", "fsdp", "tensor")
-
-
-class ConfigError(ValueError):
-  """A bad config value; the message names the field, the value and the valid choices."""
+__all__ = ["ConfigError", "Validated", "check_choice", "load", "mesh_shape", "model_config",
+           "parse_arg", "placeholder", "section", "set_field", "validate"]
 
 
-def _config_errors(fn):
+def placeholder(kind: type, value: Any = None) -> FieldReference:
+  """A typed config field that may hold None ("the default" or "from the dataset"); overriding it
+  from the command line parses the text as ``kind``."""
+  return FieldReference(value, field_type=kind)
+
+
+def _errors_as_config_errors(fn):
   """Re-raises the ValueErrors of a validation function as ConfigError (same message)."""
   def wrapped(*args, **kwargs):
     try:
@@ -36,29 +47,44 @@ def _config_errors(fn):
   return wrapped
 
 
+def set_field(node: mlc.ConfigDict, field: str, value: Any, name: str) -> None:
+  """``node[field] = value``; text is parsed as the field's type (``parse_value``), so "true",
+  "1e-3" and "24" from a command line become a bool, a float and an int."""
+  if field not in node:
+    raise ConfigError(f"{name} is not a config field; valid fields: {sorted(node.keys())}")
+  kind = node.get_type(field)
+  if isinstance(value, str) and kind in (bool, int, float):
+    value = parse_value(name, value, kind)
+  try:
+    node[field] = value
+  except TypeError as error:
+    raise ConfigError(f"{name}={value!r}: {error}") from None
+
+
 def parse_arg(arg: str | None, **defaults: Any) -> mlc.ConfigDict:
   """``"130m,norm=rms,depth=24"`` -> ConfigDict; a bare first word sets ``variant``.
 
-  Values are converted to the type of their default; an unknown key is a ValueError listing the keys.
+  A default is a value or ``placeholder(type)`` (None unless given). Values are parsed as the
+  default's type; an unknown key is a ConfigError listing the keys.
   """
   result = mlc.ConfigDict(defaults)
   for i, item in enumerate(filter(None, (arg or "").split(","))):
     key, sep, value = item.partition("=")
     if not sep:
       if i or "variant" not in defaults:
-        raise ValueError(f"config argument {item!r} is not key=value; keys: {sorted(defaults)}")
+        raise ConfigError(f"config argument {item!r} is not key=value; keys: {sorted(defaults)}")
       key, value = "variant", item
     if key not in defaults:
-      raise ValueError(f"config argument key {key!r} is unknown; valid keys: {sorted(defaults)}")
-    kind = type(defaults[key])
-    result[key] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
+      raise ConfigError(f"config argument key {key!r} is unknown; valid keys: {sorted(defaults)}")
+    set_field(result, key, value, f"config argument {key}")
   return result
 
 
 def load(spec: str, overrides: Mapping[str, Any] | None = None) -> mlc.ConfigDict:
   """``load("configs/llama.py:tiny,norm=ln", {"train.steps": 50})``: a config file's ``get_config(arg)``
-  with dotted-key overrides (as ``--config.train.steps=50`` would set them); relative paths are
-  resolved from the current directory, then from the repository root."""
+  with dotted-key overrides (as ``--config.train.steps=50`` would set them; text values are parsed
+  as the field's type); relative paths are resolved from the current directory, then from the
+  repository root."""
   path, _, arg = spec.partition(":")
   file = pathlib.Path(path)
   if not file.exists():
@@ -72,132 +98,97 @@ def load(spec: str, overrides: Mapping[str, Any] | None = None) -> mlc.ConfigDic
   for key, value in (overrides or {}).items():
     *parents, field = key.split(".")
     node = config
-    for parent in parents:
+    for depth, parent in enumerate(parents):
+      if parent not in node:
+        raise ConfigError(f"{key} is not a config field; fields of "
+                          f"{'.'.join(parents[:depth]) or 'the config'}: {sorted(node.keys())}")
       node = node[parent]
-    if field not in node:
-      raise ConfigError(f"{key} is not a config field; fields of {'.'.join(parents) or 'the config'}: "
-                        f"{sorted(node.keys())}")
-    node[field] = value
+    set_field(node, field, value, key)
   return config
 
 
-def train_sections(c: mlc.ConfigDict, *, steps: int, batch_size: int, lr: float, warmup: int) -> None:
-  """The optimizer, schedule, checkpoint, statistics, TVR and mesh sections (same for every model)."""
-  c.train = mlc.ConfigDict(dict(
-      steps=steps,  # optimizer steps
-      batch_size=batch_size,  # global batch (split over the data and fsdp mesh axes)
-      log_every=10,  # steps between metrics.jsonl rows
-      eval_every=100,  # steps between validation passes (and one at the end)
-      eval_steps=4,  # validation batches per pass
-  ))
-  c.optim = mlc.ConfigDict(dict(
-      lr=lr,  # peak learning rate of the warmup + cosine schedule
-      warmup_steps=warmup,  # linear warmup from 0
-      min_lr_ratio=0.1,  # cosine decays to lr * min_lr_ratio at train.steps
-      b1=0.9,  # AdamW beta1
-      b2=0.95,  # AdamW beta2
-      eps=1e-8,  # AdamW epsilon
-      weight_decay=0.1,  # decoupled weight decay on the decayed parameters
-      decay_norms_and_biases=False,  # also decay norm gains/biases and dense biases (MaxText, nanodo do)
-      clip_norm=1.0,  # global gradient-norm clip (0 = off)
-  ))
-  c.tvr = mlc.ConfigDict(dict(
-      enabled=False,  # Target Variance Rescaling of block kernels
-      every=50,  # optimizer steps between rescalings
-      target_std=0.01,  # sigma_t (0.01 headline run; the authors' code default is 0.02)
-      threshold=1.2,  # rescale when std / sigma_t exceeds this
-      per_layer_target=False,  # target sigma_t / sqrt(l)
-  ))
-  c.ckpt = mlc.ConfigDict(dict(
-      every=100,  # steps between asynchronous orbax saves (0 = only at the end)
-      keep=3,  # checkpoints kept
-  ))
-  c.stats = mlc.ConfigDict(dict(
-      every=25,  # steps between per-depth statistics rows (0 = off; costs a second compiled step)
-  ))
-  c.mesh = mlc.ConfigDict(dict(
-      data=-1,  # data-parallel axis size (-1 = all devices left)
-      fsdp=1,  # parameter-sharding axis size
-      tensor=1,  # tensor-parallel axis size
-      num_devices=0,  # devices to use (0 = all visible)
-  ))
+def section(record: Any, **extra: Any) -> mlc.ConfigDict:
+  """A config section holding a typed record's fields (its defaults are the one home), plus
+  ``extra`` fields that only the config has (e.g. ``enabled``)."""
+  return mlc.ConfigDict({**extra, **dataclasses.asdict(record)})
 
 
-@_config_errors
-def model_config(config: mlc.ConfigDict, data_info: dict[str, Any] | None = None) -> ModelConfig:
-  """The ``ModelConfig`` of ``config.model``; 0 means "default"/"from the dataset" (see configs/vit.py).
+class Validated(NamedTuple):
+  """What ``validate`` returns: every section the loop reads, checked and typed."""
+  model: ModelConfig
+  data: data.DataConfig
+  mesh: dict[str, int]  # axis -> size, -1 filled
+  tvr: variance.TVRConfig | None  # None when disabled
 
-  Without ``data_info`` a ViT's image fields that are 0 get placeholders, which is enough to
-  validate everything else before the dataset is built.
-  """
+
+def model_config(config: mlc.ConfigDict, data_cfg: data.DataConfig) -> ModelConfig:
+  """The ``ModelConfig`` of ``config.model``: the one place None fields that come from the dataset
+  (a ViT's image_size, channels, num_classes; patch_size = image_size // 4) are resolved."""
   values = config.model.to_dict()
-  for key in ("num_kv_heads", "mlp_dim"):
-    values[key] = values.get(key) or None
-  values["placement"] = {**values.get("placement", {}),
-                         "deepnorm_alpha": values.get("placement", {}).get("deepnorm_alpha") or None}
-  if values.get("name") == "vit":
-    source = data_info or {"image_shape": (8, 8, 1), "num_classes": 10}
-    height, _, channels = source["image_shape"]
-    values["image_size"] = values.get("image_size") or height
-    values["channels"] = values.get("channels") or channels
-    values["num_classes"] = values.get("num_classes") or source["num_classes"]
-    values["patch_size"] = values.get("patch_size") or max(1, values["image_size"] // 4)
+  if values.get("name") == "vit" and data_cfg.kind == "image":
+    height, _, channels = data_cfg.image_shape
+    resolved = {"image_size": height, "channels": channels, "num_classes": data_cfg.num_classes}
+    for key, value in resolved.items():
+      if values.get(key) is None:
+        values[key] = value
+    if values.get("patch_size") is None:
+      values["patch_size"] = max(1, values["image_size"] // 4)
   cfg = ModelConfig.from_dict(values)
-  if data_info is not None:
-    _check_against_data(cfg, data_info)
-  return cfg.validate()
+  _check_against_data(cfg, data_cfg)
+  return cfg
 
 
-def _check_against_data(cfg: ModelConfig, info: dict[str, Any]) -> None:
+def _check_against_data(cfg: ModelConfig, d: data.DataConfig) -> None:
   expected_kind = "text" if cfg.name == "llama" else "image"
-  if info["kind"] != expected_kind:
-    raise ValueError(f"model.name={cfg.name!r} needs {expected_kind} data, but data.name gives "
-                     f"{info['kind']} ({info['source']})")
-  if cfg.name == "llama" and cfg.vocab_size < info["vocab_size"]:
-    raise ValueError(f"model.vocab_size={cfg.vocab_size} is smaller than the data's {info['vocab_size']}")
-  if cfg.name == "vit" and (cfg.image_size, cfg.image_size, cfg.channels) != tuple(info["image_shape"]):
-    raise ValueError(f"model.image_size={cfg.image_size}, model.channels={cfg.channels} do not match the "
-                     f"data's images {tuple(info['image_shape'])} ({info['source']}); set them to 0")
+  if d.kind != expected_kind:
+    raise ConfigError(f"model.name={cfg.name!r} needs {expected_kind} data, but data.name={d.name!r} "
+                      f"gives {d.kind}")
+  if cfg.name == "llama" and cfg.vocab_size < d.vocab_size:
+    raise ConfigError(f"model.vocab_size={cfg.vocab_size} is smaller than the data's {d.vocab_size}")
+  if cfg.name == "vit" and (cfg.image_size, cfg.image_size, cfg.channels) != tuple(d.image_shape):
+    raise ConfigError(f"model.image_size={cfg.image_size}, model.channels={cfg.channels} do not match "
+                      f"the data's images {tuple(d.image_shape)} (data.name={d.name!r}); set them to "
+                      "None to take them from the data")
 
 
 def mesh_shape(config: mlc.ConfigDict, num_devices: int) -> dict[str, int]:
-  """Mesh axis sizes with -1 filled from ``num_devices``; ValueError naming ``mesh.*`` otherwise."""
+  """Mesh axis sizes with -1 filled from ``num_devices``; ConfigError naming ``mesh.*`` otherwise."""
   sizes = {axis: int(config.mesh[axis]) for axis in MESH_AXES}
   free = [axis for axis, size in sizes.items() if size == -1]
   for axis, size in sizes.items():
     if size == 0 or size < -1:
-      raise ValueError(f"mesh.{axis}={size} must be a positive size or -1 (fill)")
+      raise ConfigError(f"mesh.{axis}={size} must be a positive size or -1 (fill)")
   if len(free) > 1:
-    raise ValueError(f"mesh: only one axis may be -1, got {free}")
+    raise ConfigError(f"mesh: only one axis may be -1, got {free}")
   fixed = math.prod(size for size in sizes.values() if size != -1)
   if free:
     if num_devices % fixed:
-      raise ValueError(f"mesh: the fixed axes {sizes} (product {fixed}) do not divide the "
-                       f"{num_devices} devices")
+      raise ConfigError(f"mesh: the fixed axes {sizes} (product {fixed}) do not divide the "
+                        f"{num_devices} devices")
     sizes[free[0]] = num_devices // fixed
   if math.prod(sizes.values()) != num_devices:
-    raise ValueError(f"mesh: data*fsdp*tensor = {sizes} has {math.prod(sizes.values())} devices, "
-                     f"but {num_devices} are used (mesh.num_devices={config.mesh.num_devices}; "
-                     "set the sizes or -1 to fill)")
+    raise ConfigError(f"mesh: data*fsdp*tensor = {sizes} has {math.prod(sizes.values())} devices, "
+                      f"but {num_devices} are used (mesh.num_devices={config.mesh.num_devices}; "
+                      "set the sizes or -1 to fill)")
   return sizes
 
 
 def _positive(config: mlc.ConfigDict, field: str, *, allow_zero: bool = False) -> None:
-  section, name = field.split(".")
-  value = config[section][name]
+  section_name, name = field.split(".")
+  value = config[section_name][name]
   if value < 0 or (value == 0 and not allow_zero):
-    raise ValueError(f"{field}={value} must be {'>= 0' if allow_zero else 'positive'}")
+    raise ConfigError(f"{field}={value} must be {'>= 0' if allow_zero else 'positive'}")
 
 
-@_config_errors
-def validate(config: mlc.ConfigDict, available_devices: int) -> tuple[ModelConfig, dict[str, int]]:
-  """Checks the whole config; returns the (placeholder) model config and the mesh sizes."""
-  model = model_config(config)
-  data.validate(config.data)
+@_errors_as_config_errors
+def validate(config: mlc.ConfigDict, available_devices: int) -> Validated:
+  """Checks the whole config once; returns the typed, validated sections (``Validated``)."""
+  data_cfg = data.validate(config.data)
+  model = model_config(config, data_cfg)
   requested = int(config.mesh.num_devices)
   if requested < 0 or requested > available_devices:
-    raise ValueError(f"mesh.num_devices={requested} but {available_devices} devices are visible "
-                     "(0 = use all)")
+    raise ConfigError(f"mesh.num_devices={requested} but {available_devices} devices are visible "
+                      "(0 = use all)")
   sizes = mesh_shape(config, requested or available_devices)
   for field in ("train.steps", "train.batch_size", "train.log_every", "optim.lr", "ckpt.keep"):
     _positive(config, field)
@@ -205,11 +196,14 @@ def validate(config: mlc.ConfigDict, available_devices: int) -> tuple[ModelConfi
                 "optim.weight_decay", "ckpt.every", "stats.every"):
     _positive(config, field, allow_zero=True)
   if config.optim.warmup_steps > config.train.steps:
-    raise ValueError(f"optim.warmup_steps={config.optim.warmup_steps} exceeds train.steps={config.train.steps}")
+    raise ConfigError(f"optim.warmup_steps={config.optim.warmup_steps} exceeds "
+                      f"train.steps={config.train.steps}")
   shards = sizes["data"] * sizes["fsdp"]
   if config.train.batch_size % shards:
-    raise ValueError(f"train.batch_size={config.train.batch_size} is not divisible by the "
-                     f"{shards} batch shards (mesh.data * mesh.fsdp = {sizes['data']} * {sizes['fsdp']})")
+    raise ConfigError(f"train.batch_size={config.train.batch_size} is not divisible by the "
+                      f"{shards} batch shards (mesh.data * mesh.fsdp = {sizes['data']} * {sizes['fsdp']})")
+  tvr = None
   if config.tvr.enabled:
     _positive(config, "tvr.every")
-  return model, sizes
+    tvr = variance.TVRConfig(**{k: v for k, v in config.tvr.items() if k != "enabled"})
+  return Validated(model, data_cfg, sizes, tvr)

@@ -24,12 +24,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from normjax import models, norms
+from normjax import models, norms, roles
 from normjax.models.config import ModelConfig, NormConfig
 
-READERS = {"llama": {"attn": ("q", "k", "v"), "mlp": ("gate", "up")},
-           "vit": {"attn": ("q", "k", "v"), "mlp": ("fc1",)}}
-WRITERS = {"llama": {"attn": ("o",), "mlp": ("down",)}, "vit": {"attn": ("o",), "mlp": ("fc2",)}}
+SUBLAYERS = ("attn", "mlp")
 CONVERTIBLE_PLACEMENTS = ("pre", "lns")
 
 
@@ -97,13 +95,12 @@ def to_rms(model: nnx.Module) -> nnx.Module:
   _check_source(cfg, "layer_norm")
   p = params_of(model)
   blocks = dict(p["stack"]["blocks"])
-  for sublayer, readers in READERS[cfg.name].items():
+  for sublayer in SUBLAYERS:
     norm = blocks.pop(f"{sublayer}_norm_in", {})
-    blocks[sublayer] = {**blocks[sublayer],
-                        **{name: _fold(norm, blocks[sublayer][name]) for name in readers}}
-  for sublayer, writers in WRITERS[cfg.name].items():
-    blocks[sublayer] = {**blocks[sublayer],
-                        **{name: _centre_dense(blocks[sublayer][name]) for name in writers}}
+    blocks[sublayer] = {
+        **blocks[sublayer],
+        **{name: _fold(norm, blocks[sublayer][name]) for name in roles.readers(cfg.name, sublayer)},
+        **{name: _centre_dense(blocks[sublayer][name]) for name in roles.writers(cfg.name, sublayer)}}
   out = {"stack": {"blocks": blocks}}
   final = p.get("final_norm", {})
   if cfg.name == "llama":
@@ -118,9 +115,9 @@ def to_rms(model: nnx.Module) -> nnx.Module:
   out["head"] = _fold(final, head)
   ln = norms.get("layer_norm").options(**cfg.norm.options)
   # a LayerNorm bias folds into reader biases, so the converted model needs dense biases
-  target = cfg.replace(norm=NormConfig("rms_norm", {"eps": ln["eps"], "use_scale": False,
+  target = cfg.replace(norm=NormConfig("rms_norm", {"eps": ln.eps, "use_scale": False,
                                                     "use_bias": False}),
-                       tie_embeddings=False, dense_bias=cfg.use_bias or ln["use_bias"])
+                       tie_embeddings=False, dense_bias=cfg.use_bias or ln.use_bias)
   return with_params(target, out)
 
 
@@ -141,7 +138,7 @@ def to_crms(model: nnx.Module, *, atol: float = 1e-5) -> nnx.Module:
   cfg = model.cfg
   _check_source(cfg, "rms_norm")
   options = norms.get("rms_norm").options(**cfg.norm.options)
-  if options["use_scale"] or options["use_bias"]:
+  if options.use_scale or options.use_bias:
     raise ValueError("to_crms needs affine-free RMSNorm (fold gains first: use to_rms)")
   p = params_of(model)
   writer_kernels = [p["stack"]["blocks"]["attn"]["o"]["kernel"]]
@@ -152,11 +149,10 @@ def to_crms(model: nnx.Module, *, atol: float = 1e-5) -> nnx.Module:
                      "convert a LayerNorm model with to_rms first")
   blocks = {key: dict(value) if isinstance(value, dict) else value
             for key, value in p["stack"]["blocks"].items()}
-  for sublayer, readers in READERS[cfg.name].items():
-    for name in readers:
+  for sublayer in SUBLAYERS:
+    for name in roles.readers(cfg.name, sublayer):
       blocks[sublayer][name] = _compress_reader(blocks[sublayer][name])
-  for sublayer, writers in WRITERS[cfg.name].items():
-    for name in writers:
+    for name in roles.writers(cfg.name, sublayer):
       blocks[sublayer][name] = _compress_writer(blocks[sublayer][name])
   out = {"stack": {"blocks": blocks}, "head": _compress_reader(p["head"])}
   if cfg.name == "llama":
@@ -167,5 +163,5 @@ def to_crms(model: nnx.Module, *, atol: float = 1e-5) -> nnx.Module:
     if "cls" in p:
       out["cls"] = p["cls"][:-1]
   target = cfg.replace(compressed=True, norm=NormConfig(
-      "crms_norm", {"eps": options["eps"], "use_scale": False, "use_bias": False}))
+      "crms_norm", {"eps": options.eps, "use_scale": False, "use_bias": False}))
   return with_params(target, out)

@@ -16,7 +16,8 @@ the norm slots it needs (``norm_slots``, a subset of ("in", "out")) and combines
 
 ``ctx.layer`` is 1-based and may be a Python int (unrolled) or a traced scalar (under scan), so the
 depth-dependent placements (mix, lns) work either way. With ``ctx.collect_stats`` the placement
-also returns the per-sublayer statistics of METHODS.md section 7 (float32 scalars).
+also returns the per-sublayer statistics defined in ``docs/statistics.md`` (float32 scalars).
+Equations and papers: ``docs/placements.md``.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from normjax.norms._util import closest
+from normjax.validation import ConfigError, closest
 
 Array = jax.Array
 Branch = Callable[[Array], tuple[Array, dict[str, Array]]]
@@ -50,7 +51,7 @@ def _rms(x: Array) -> Array:
 
 
 def residual_stats(x: Array) -> dict[str, Array]:
-  """M1/M2: variance over all (b, t, j), mean per-token RMS, max |x|; float32 scalars."""
+  """Variance over all (b, t, j), mean per-token RMS, max |x|; float32 scalars."""
   xf = x.astype(jnp.float32)
   return {"resid_var": jnp.var(xf),
           "resid_rms": jnp.mean(jnp.sqrt(jnp.mean(jnp.square(xf), -1))),
@@ -70,9 +71,9 @@ class Placement:
     raise NotImplementedError
 
   def check(self, config: Any, spec: Any) -> None:
-    """Config-time compatibility of this placement with a norm spec; ValueError if impossible."""
+    """Config-time compatibility of this placement with a norm spec; ConfigError if impossible."""
     if spec.acts_on == "weights" and self.norm_slots:
-      raise ValueError(f"model.norm.kind={spec.name!r} transforms weights, not activations; use it with "
+      raise ConfigError(f"model.norm.kind={spec.name!r} transforms weights, not activations; use it with "
                        "model.placement.kind='none', where it reparametrizes every dense kernel")
 
   def apply(self, x: Array, branch: Branch, norms: dict[str, NormFn], ctx: Context
@@ -133,7 +134,7 @@ class LayerNormScaling(Placement):
 
 def deepnorm_alpha(ctx_or_layers: Any, override: float | None = None) -> float:
   """DeepNet decoder-only residual gain (2L)^(1/4) unless overridden."""
-  if override:  # None or 0 (the config default) mean "use the formula"
+  if override is not None:
     return override
   num_layers = getattr(ctx_or_layers, "num_layers", ctx_or_layers)
   return (2.0 * num_layers) ** 0.25
@@ -157,7 +158,7 @@ class MixLN(Placement):
   def check(self, config, spec):
     super().check(config, spec)
     if spec.stateful:
-      raise ValueError(f"model.placement.kind='mix' with stateful norm {spec.name!r}: the norm is "
+      raise ConfigError(f"model.placement.kind='mix' with stateful norm {spec.name!r}: the norm is "
                        "evaluated in both positions under scan, which would update its state twice")
 
   def combine(self, x, branch, norms, ctx):
@@ -206,9 +207,9 @@ def names() -> list[str]:
 
 
 def get(name: str) -> Placement:
-  """The placement called ``name``; ValueError naming the value, the closest match and the choices."""
+  """The placement called ``name``; ConfigError naming the value, the closest match and the choices."""
   if name not in _REGISTRY:
     close = closest(name, names())
     hint = f" Did you mean {close!r}?" if close else ""
-    raise ValueError(f"unknown placement {name!r}.{hint} Valid placements: {names()}")
+    raise ConfigError(f"unknown placement {name!r}.{hint} Valid placements: {names()}")
   return _REGISTRY[name]

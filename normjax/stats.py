@@ -1,14 +1,15 @@
-"""Per-depth statistics beyond the forward pass (METHODS.md section 7).
+"""Per-depth statistics beyond the forward pass (definitions: ``docs/statistics.md``).
 
 The forward pass itself returns the activation statistics (``model(x, collect_stats=True)``):
 ``{attn,mlp}/{resid_var, resid_rms, max_abs, branch_rms, norm_in_rms, norm_out_rms}`` and
 ``attn/attn_entropy`` as ``[L]`` arrays, ``embed/...`` scalars for x_0, and ``hidden`` ``[L+1, B, w]``.
 This module adds the parameter-space and ablation views:
 
-* ``layer_grad_norms`` (M3) and ``layer_weight_std`` (M7) from a gradient / parameter tree whose
-  block leaves carry a leading ``layers`` axis (the layout of ``normjax.models``);
-* ``angular_distance`` (M4) from ``hidden``;
-* ``removal_losses`` (M5): the loss with each block replaced by the identity.
+* ``layer_grad_norms`` and ``layer_weight_std`` from a gradient / parameter ``nnx.State`` whose
+  block variables carry a leading ``layers`` axis (``normjax.params.per_layer``, the layout of
+  ``normjax.models``);
+* ``angular_distance`` (Gromov et al., arXiv:2403.17887) from ``hidden``;
+* ``removal_losses``: the loss with each block replaced by the identity.
 """
 
 from __future__ import annotations
@@ -20,27 +21,24 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from normjax.params import Kernel, per_layer, variables
 from normjax.treeutil import path_names
 
 Array = jax.Array
 
 
-def _block_leaves(tree: Any) -> list[tuple[tuple[str, ...], Array]]:
-  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return [(path_names(path), leaf) for path, leaf in leaves if "blocks" in path_names(path)]
-
-
-def layer_grad_norms(grads: Any) -> Array:
+def layer_grad_norms(grads: nnx.State) -> Array:
   """``[L]``: sqrt of the summed squared gradient of every parameter in block l (float32)."""
-  squares = [jnp.sum(jnp.square(g.astype(jnp.float32)).reshape(g.shape[0], -1), axis=1)
-             for _, g in _block_leaves(grads)]
+  squares = [jnp.sum(jnp.square(g[...].astype(jnp.float32)).reshape(g[...].shape[0], -1), axis=1)
+             for _, g in variables(grads) if per_layer(g)]
   return jnp.sqrt(sum(squares))
 
 
-def layer_weight_std(params: Any) -> dict[str, Array]:
+def layer_weight_std(params: nnx.State) -> dict[str, Array]:
   """``{path: [L]}``: std of each 2-D block kernel per layer (e.g. ``stack/blocks/attn/q/kernel``)."""
-  return {"/".join(name): jnp.std(w.astype(jnp.float32).reshape(w.shape[0], -1), axis=1)
-          for name, w in _block_leaves(params) if name[-1] == "kernel" and w.ndim == 3}
+  return {"/".join(path_names(path)): jnp.std(w[...].astype(jnp.float32).reshape(w[...].shape[0], -1), 1)
+          for path, w in variables(params)
+          if isinstance(w, Kernel) and per_layer(w) and w[...].ndim == 3}
 
 
 def angular_distance(hidden: Array) -> Array:

@@ -1,7 +1,7 @@
 """Shared loading and plotting helpers for the analysis notebooks (import from ``notebooks/``).
 
 A sweep directory holds one training-loop workdir per run (``experiments/sweep.py``); a run here is
-any subdirectory with ``stats/steps.npy``, finished (``result.json``) or still running. Its model,
+any subdirectory with statistics rows (``stats.jsonl``), finished (``result.json``) or still running. Its model,
 placement and depth come from ``result.json``'s tags, or else from the ``<model>_<placement>_L<depth>``
 directory name.
 """
@@ -26,7 +26,7 @@ if str(REPO) not in sys.path:  # so that ``experiments`` and ``normjax`` import 
   sys.path.insert(0, str(REPO))
 
 from experiments.placement_study import PLACEMENTS  # noqa: E402  (after the path set-up above)
-from normjax.train.writer import read_jsonl  # noqa: E402
+from normjax.train.writer import read_jsonl, read_stats  # noqa: E402
 
 NAME = re.compile(r"(?P<model>[a-z0-9]+)_(?P<placement>.+)_L(?P<depth>\d+)$")
 
@@ -35,7 +35,7 @@ def load_runs(sweep_dir: str | pathlib.Path) -> list[dict[str, Any]]:
   """``[{name, model, placement, depth, diverged, dir, result}]`` sorted by model, depth, placement."""
   runs = []
   for path in sorted(pathlib.Path(sweep_dir).iterdir()):
-    if not (path / "stats" / "steps.npy").exists():
+    if not read_jsonl(path / "stats.jsonl"):
       continue
     result = json.loads((path / "result.json").read_text()) if (path / "result.json").exists() else {}
     tags = result.get("tags") or {}
@@ -57,13 +57,16 @@ def color(placement: str) -> str:
 
 
 def stat(run: dict[str, Any], name: str) -> np.ndarray:
-  """``stats/<name>.npy`` of a run (e.g. ``mlp.resid_var`` [steps, L]); ``steps`` for the steps."""
-  return np.load(run["dir"] / "stats" / f"{name}.npy")
+  """One statistic of a run, stacked over its statistics steps (e.g. ``mlp/resid_var`` [steps, L];
+  ``steps`` for the steps)."""
+  if "stats" not in run:
+    run["stats"] = read_stats(run["dir"])
+  return run["stats"][name]
 
 
 def resid_var(run: dict[str, Any]) -> np.ndarray:
   """[steps, L+1]: residual-stream variance of x_0 (embedding) and after every block."""
-  return np.concatenate([stat(run, "embed.resid_var")[:, None], stat(run, "mlp.resid_var")], axis=1)
+  return np.concatenate([stat(run, "embed/resid_var")[:, None], stat(run, "mlp/resid_var")], axis=1)
 
 
 def grad_norm(run: dict[str, Any]) -> np.ndarray:

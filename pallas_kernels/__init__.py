@@ -5,12 +5,13 @@
 
 ``ops`` holds the public functions and the implementation dispatch (``xla | pallas | triton | auto``),
 ``kernels`` the Pallas-Triton kernel bodies, ``auto`` the measured table behind ``impl='auto'``.
-Every kernel is checked against ``normjax.norms`` (tests/test_kernels.py) and runs on CPU in
-interpret mode; ``benchmarks/kernels.py`` measures them on a GPU.
+The package builds on ``normjax.norms`` (which never imports it): every kernel is checked against
+that XLA reference (tests/test_kernels.py) and runs on CPU in interpret mode;
+``benchmarks/kernels.py`` measures them on a GPU. Design: ``docs/kernels.md``.
 """
 
 from pallas_kernels.kernels import KernelConfig
-from pallas_kernels.ops import IMPLS, Stats, crms_norm, effective_weight, layer_norm, rms_norm
+from pallas_kernels.ops import IMPLS, KINDS, Stats, crms_norm, effective_weight, layer_norm, rms_norm
 
-__all__ = ["IMPLS", "KernelConfig", "Stats", "crms_norm", "effective_weight", "layer_norm",
+__all__ = ["IMPLS", "KINDS", "KernelConfig", "Stats", "crms_norm", "effective_weight", "layer_norm",
            "rms_norm"]

@@ -14,7 +14,7 @@ import jax.experimental.pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 JAX_VERSION = jax.__version_info__
-# Deprecated upstream, chosen deliberately (see KERNELS.md section 2): silence it here, once.
+# Deprecated upstream, chosen deliberately (docs/kernels.md, "Why Pallas-Triton"): silence it here, once.
 if JAX_VERSION >= (0, 11, 0):
   warnings.filterwarnings("ignore", message=".*Pallas Triton backend is deprecated.*")
 

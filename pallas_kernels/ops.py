@@ -33,18 +33,20 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
+from normjax.axes import BATCH_AXES
 from normjax.norms import standard
-from normjax.norms._util import CASTINGS, check_choice, check_scalar
+from normjax.norms._util import CASTINGS, check_scalar
+from normjax.validation import check_choice
 from pallas_kernels import _compat, auto, kernels
 from pallas_kernels.kernels import F32, KernelConfig, Static
 
 Array = jax.Array
 IMPLS = ("xla", "pallas", "triton", "auto")
-ROW_AXES = ("data", "fsdp")  # mesh axes that split rows (normjax.train.mesh.RULES["batch"])
 MAX_WIDTH = 65536  # whole row in registers; wider rows would need a loop (Liger's limit)
 KERNEL_DTYPES = ("float32", "bfloat16", "float16")
 _REFERENCE = {"layer_norm": standard.layer_norm, "rms_norm": standard.rms_norm,
               "crms_norm": standard.crms_norm}
+KINDS = tuple(_REFERENCE)  # the norm kinds with a fused kernel
 _log = logging.getLogger(__name__)
 _logged: set[tuple[Any, ...]] = set()
 
@@ -217,7 +219,7 @@ def _op(kind: str, summary: str) -> Callable[..., Any]:
          residual: Array | None = None, eps: float = 1e-6, scale_offset: float = 0.0,
          out_scale: Any = 1.0, casting: str = "f32", return_stats: bool = False,
          impl: str | Sequence[str] = "auto", config: KernelConfig | None = None,
-         row_axes: Sequence[str] = ROW_AXES) -> Any:
+         row_axes: Sequence[str] = BATCH_AXES) -> Any:
     return _norm(kind, x, scale, bias, residual, eps, scale_offset, out_scale, casting, return_stats,
                  impl, config, row_axes)
 
@@ -234,7 +236,8 @@ def _op(kind: str, summary: str) -> Callable[..., Any]:
     return_stats: also return ``Stats(mean, rstd)`` (float32, ``x.shape[:-1]``, no gradient).
     impl: "xla", "pallas", "triton", "auto", or a tuple tried in order (see the module docstring).
     config: ``KernelConfig`` launch parameters for the Pallas kernels (None: measured heuristics).
-    row_axes: mesh axes the leading axis is split over under ``jax.set_mesh``.
+    row_axes: mesh axes the leading axis is split over under ``jax.set_mesh`` (default: the batch
+      axes of ``normjax.axes``).
   Returns:
     ``y``, ``(y, x + residual)`` with a residual, and ``Stats`` appended when requested.
   """

@@ -1,4 +1,4 @@
-"""Independent float64 NumPy references for every norm, written from the formulas in METHODS.md.
+"""Independent float64 NumPy references for every norm, written from the papers' formulas (docs/norms.md).
 
 They deliberately take different computational routes from normjax where one exists (explicit loops
 over groups and samples, reconstructing the dropped CRMS coordinate, reshaping to [rows, features])

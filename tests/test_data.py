@@ -342,7 +342,7 @@ def test_validate_builds_nothing_and_load_checks_its_arguments(tmp_path):
 
 
 def test_validate_works_without_tensorflow_datasets(tmp_path):
-  # The GPU machine has no tensorflow_datasets (ENVIRONMENT.md §5).
+  # The GPU machine's image may have no tensorflow_datasets.
   script = ("import sys\nsys.modules['tensorflow_datasets'] = None\n"
             "import ml_collections\nfrom normjax import data\n"
             "cfg = ml_collections.ConfigDict(dict(name='auto_images', data_dir=sys.argv[1], "

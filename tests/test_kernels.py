@@ -1,7 +1,8 @@
 """Pallas norm kernels against the XLA reference (``normjax.norms``), forward and gradients.
 
 On CPU every kernel runs in Pallas interpret mode; on a GPU the same tests run the compiled kernels.
-Tolerances follow KERNELS.md section 9.
+Tolerances: float32 1e-5; bfloat16 2e-2 against the float32 reference, or twice XLA's own bfloat16 error
+where rounded cotangents make a sum cancel; reduced parameter gradients relative to their largest entry.
 """
 
 import itertools
@@ -257,12 +258,3 @@ def test_auto_never_picks_a_slower_kernel():
   assert choose("rms_norm", 4096, fused=True) == "xla"
   assert choose("rms_norm", 4096, dtype=jnp.float32) == "xla"
   assert auto.choose("rms_norm", (8, 4096), jnp.bfloat16, False) == "xla"  # CPU: always XLA
-
-
-def test_the_kernel_package_imports_on_its_own():
-  """pallas_kernels imports normjax.norms, whose registry dispatches back to pallas_kernels."""
-  import subprocess
-  import sys
-  done = subprocess.run([sys.executable, "-c", "import pallas_kernels, normjax; print('ok')"],
-                        capture_output=True, text=True, check=False)
-  assert done.returncode == 0 and "ok" in done.stdout, done.stderr

@@ -180,9 +180,9 @@ def test_pallas_kernels_in_the_model_match_xla(name, placement, norm):
 
 def test_norm_impl_is_validated():
   with pytest.raises(ValueError, match=r"model.norm.impl='cuda' is not valid; choose one of \['xla'"):
-    small("llama", norm=NormConfig("rms_norm", impl="cuda")).validate()
+    small("llama", norm=NormConfig("rms_norm", impl="cuda"))
   with pytest.raises(ValueError, match=r"model.norm.impl='pallas' needs a kind with a fused kernel"):
-    small("llama", norm=NormConfig("dyt", impl="pallas")).validate()
+    small("llama", norm=NormConfig("dyt", impl="pallas"))
 
 
 @pytest.mark.parametrize("name", ["llama", "vit"])

@@ -33,14 +33,14 @@ BASE = dict(num_layers=3, d_model=16, num_heads=4, vocab_size=32, image_size=8, 
 ])
 def test_bad_model_configs_fail_before_building(changes, match):
   with pytest.raises(ValueError, match=match):
-    ModelConfig(**{"name": "llama", **BASE, **changes}).validate()
+    ModelConfig(**{"name": "llama", **BASE, **changes})
 
 
 def test_vit_specific_errors_and_from_dict():
   with pytest.raises(ValueError, match=r"model.patch_size=3 does not divide model.image_size=8"):
-    ModelConfig(name="vit", **{**BASE, "patch_size": 3}).validate()
+    ModelConfig(name="vit", **{**BASE, "patch_size": 3})
   with pytest.raises(ValueError, match=r"model.placement.kind='mix' with stateful norm 'batch_norm'"):
-    ModelConfig(name="vit", **BASE, norm=NormConfig("bn"), placement=PlacementConfig("mix")).validate()
+    ModelConfig(name="vit", **BASE, norm=NormConfig("bn"), placement=PlacementConfig("mix"))
   with pytest.raises(ValueError, match=r"model.depth is not a model field"):
     ModelConfig.from_dict({"depth": 3})
   with pytest.raises(ValueError, match=r"model.placement.alpha is not a field"):

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import normjax
 from normjax import norms
 from normjax.nn import linen as nj_linen
 from normjax.nn import nnx as nj_nnx
@@ -133,6 +132,3 @@ def test_user_linen_model_trains_with_norm_state():
   assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
   assert not np.allclose(updates["norm_state"]["Norm_0"]["mean"], 0.0)
 
-
-def test_version():
-  assert normjax.__version__

@@ -16,8 +16,11 @@ import pytest
 
 from normjax import config as common
 from normjax.config import ConfigError
+from normjax.data import sources
+from normjax.models import config as model_config_lib
 from normjax.train import NonFiniteLoss, train
-from normjax.train.writer import read_jsonl
+from normjax.train.loop import due
+from normjax.train.writer import Writer, read_jsonl, read_stats
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 GOLDEN = ROOT / "tests" / "golden" / "llama_small_partition_specs.json"
@@ -52,10 +55,20 @@ def data_dir(tmp_path_factory):
   return tmp_path_factory.mktemp("tfds")
 
 
-def test_llama_run_leaves_everything_in_the_workdir(tmp_path, data_dir):
+def test_llama_run_leaves_everything_in_the_workdir(tmp_path, data_dir, monkeypatch):
   config = load_config("configs/llama.py:tiny", {**SMALL_LLAMA, "train.steps": 30,
                                                   "optim.lr": 1e-2}, data_dir)
+  checks = {"data": 0, "model": 0}  # count the validations: the loop validates each section once
+
+  def counting(name, fn):
+    def wrapped(*args, **kwargs):
+      checks[name] += 1
+      return fn(*args, **kwargs)
+    return wrapped
+  monkeypatch.setattr(sources, "_check_seq_len", counting("data", sources._check_seq_len))
+  monkeypatch.setattr(model_config_lib, "_check", counting("model", model_config_lib._check))
   result = train(config, str(tmp_path))
+  assert checks == {"data": 1, "model": 1}
   losses = train_losses(tmp_path)
   assert sorted(losses) == list(range(1, 31))
   rows = read_jsonl(tmp_path / "metrics.jsonl")
@@ -66,11 +79,12 @@ def test_llama_run_leaves_everything_in_the_workdir(tmp_path, data_dir):
   assert json.loads((tmp_path / "config.json").read_text())["model"]["norm"]["kind"] == "rms_norm"
   stats_rows = read_jsonl(tmp_path / "stats.jsonl")
   assert [row["step"] for row in stats_rows] == [1, 5, 10, 15, 20, 25, 30]
-  resid = np.load(tmp_path / "stats" / "mlp.resid_var.npy")
-  assert resid.shape == (7, 2)  # one row per logged step, one column per layer
-  np.testing.assert_allclose(resid[-1], stats_rows[-1]["mlp/resid_var"], rtol=1e-6)
-  assert np.load(tmp_path / "stats" / "angular_distance.npy").shape == (7, 3, 3)
-  assert np.load(tmp_path / "stats" / "grad_norm.npy").shape == (7, 2)
+  stats = read_stats(tmp_path)
+  assert stats["mlp/resid_var"].shape == (7, 2)  # one row per logged step, one column per layer
+  np.testing.assert_allclose(stats["mlp/resid_var"][-1], stats_rows[-1]["mlp/resid_var"], rtol=1e-6)
+  assert stats["steps"].tolist() == [1, 5, 10, 15, 20, 25, 30]
+  assert stats["angular_distance"].shape == (7, 3, 3)
+  assert stats["grad_norm"].shape == (7, 2)
   assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
   assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [10, 20, 30]
   mask = json.loads((tmp_path / "weight_decay_mask.json").read_text())
@@ -83,11 +97,11 @@ def test_vit_run_on_local_images(tmp_path, data_dir):
                                                 "mesh.num_devices": 1, "optim.warmup_steps": 2},
                        data_dir)
   result = train(config, str(tmp_path))
-  assert 0.0 <= result["eval_accuracy"] <= 1.0
   rows = read_jsonl(tmp_path / "metrics.jsonl")
+  assert result["eval_accuracy"] == [row["eval/accuracy"] for row in rows if "eval/accuracy" in row][-1]
   assert "train/accuracy" in rows[-2] or "train/accuracy" in rows[-1]
   assert any("train/images_per_second" in row for row in rows)
-  assert np.load(tmp_path / "stats" / "attn.attn_entropy.npy").shape == (3, 4)
+  assert read_stats(tmp_path)["attn/attn_entropy"].shape == (3, 4)
 
 
 def test_tvr_hook_rescales_every_k_steps(tmp_path, data_dir):
@@ -120,6 +134,41 @@ def test_resume_after_kill_is_bitwise_identical(tmp_path, data_dir):
   assert train_losses(killed) == train_losses(straight)  # bitwise: floats compared exactly
   straight_stats = read_jsonl(straight / "stats.jsonl")
   assert read_jsonl(killed / "stats.jsonl") == straight_stats
+  killed_arrays, straight_arrays = read_stats(killed), read_stats(straight)
+  assert killed_arrays.keys() == straight_arrays.keys()
+  for key, value in straight_arrays.items():
+    np.testing.assert_array_equal(killed_arrays[key], value, err_msg=key)
+
+
+def test_stats_writer_appends_and_resume_drops_rows_past_the_restored_step(tmp_path):
+  """Each statistics step writes one new file and touches none before it (no quadratic rewrite);
+  a writer resuming at step 2 drops the rows and files of steps 3 and 4."""
+  writer = Writer(tmp_path, 0)
+  rows = {step: {"mlp/resid_var": np.full(3, step, np.float32),
+                 "angular_distance": np.eye(4, dtype=np.float32) * step} for step in (1, 2, 3, 4)}
+  written = {}
+  for step, values in rows.items():
+    writer.stats(step, values)
+    files = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "stats").iterdir()}
+    assert len(files) == step and all(files[name] == mtime for name, mtime in written.items())
+    written = files
+  writer.close()
+  stats = read_stats(tmp_path)
+  assert stats["steps"].tolist() == [1, 2, 3, 4]
+  np.testing.assert_array_equal(stats["mlp/resid_var"], np.repeat([[1.], [2.], [3.], [4.]], 3, 1))
+  assert stats["angular_distance"].shape == (4, 4, 4)
+  (tmp_path / "stats" / "000000005.npz.tmp").write_bytes(b"torn")  # a kill mid-write
+  Writer(tmp_path, 2).close()
+  assert read_stats(tmp_path)["steps"].tolist() == [1, 2]
+  assert [row["step"] for row in read_jsonl(tmp_path / "stats.jsonl")] == [1, 2]
+  assert sorted(p.name for p in (tmp_path / "stats").iterdir()) == ["000000001.npz", "000000002.npz"]
+
+
+def test_due_is_the_one_cadence_rule():
+  assert [s for s in range(1, 11) if due(s, 4)] == [4, 8]
+  assert [s for s in range(1, 11) if due(s, 4, last=10)] == [4, 8, 10]
+  assert [s for s in range(1, 11) if due(s, 4, first=True)] == [1, 4, 8]
+  assert [s for s in range(1, 11) if due(s, 0, last=10)] == [10]  # 0: only at the end
 
 
 def train_losses_or_empty(workdir: pathlib.Path) -> dict[int, float]:

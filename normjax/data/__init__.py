@@ -4,9 +4,10 @@ Configs carry ``data.name``, ``data.data_dir`` ("" = ``$NORMJAX_DATA_DIR`` or
 ``~/.cache/normjax/tensorflow_datasets``), ``data.seq_len`` (text), ``data.text_dir`` (text_files)
 and ``data.shuffle_seed``::
 
-  data.validate(cfg)                        # cheap; ValueError naming field, value and choices
-  data.info(cfg)                            # kind, vocab_size | image_shape + num_classes, sizes
-  batches = data.load(cfg, "train", 32)     # builds on first use, cached under data_dir
+  dc = data.validate(cfg)                   # once, cheap: a DataConfig, or ConfigError naming
+                                            # the field, the value and the choices
+  data.info(dc)                             # kind, vocab_size | image_shape + num_classes, sizes
+  batches = data.load(dc, "train", 32)      # builds on first use, cached under data_dir
   batch = batches.batch(step)               # depends on the step only, so resuming needs no state
 
 Built-in datasets (``DATASETS``), all available offline:
@@ -42,6 +43,6 @@ padded with byte 0 to ``seq_len + 1``, so N = number of examples), or ``image`` 
 """
 
 from normjax.data.batches import StepIndexedBatches
-from normjax.data.sources import DATASETS, info, load, resolve_name, validate
+from normjax.data.sources import DATASETS, DataConfig, info, load, resolve_name, validate
 
-__all__ = ["DATASETS", "StepIndexedBatches", "info", "load", "resolve_name", "validate"]
+__all__ = ["DATASETS", "DataConfig", "StepIndexedBatches", "info", "load", "resolve_name", "validate"]

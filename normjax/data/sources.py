@@ -1,8 +1,13 @@
 """Name resolution, config validation, and opening a built-in or prepared TFDS dataset for reading.
 
-tensorflow_datasets is imported only inside the functions that read or build data: it is absent on
-the GPU machine (ENVIRONMENT.md §5), where ``resolve_name`` and ``validate`` of built-ins still
-work.
+``validate(section)`` checks a ``data`` config section once and returns a ``DataConfig``: the
+resolved, typed settings plus what the model needs to know of the data (kind, vocabulary or image
+shape and classes), read without building anything. ``info`` and ``load`` take that record and
+never validate again (given a config section instead, they validate it first).
+
+tensorflow_datasets is imported only inside the functions that read or build data or read a
+prepared dataset's metadata: a machine without it (the GPU image may lack it) can still
+``resolve_name`` and ``validate`` the built-ins.
 """
 
 from __future__ import annotations
@@ -15,19 +20,35 @@ from typing import Any
 import numpy as np
 
 from normjax.data import batches, corpus
-from normjax.norms._util import closest
+from normjax.validation import ConfigError, closest
 
 DATASETS = ("stdlib_bytes", "text_files", "fashion_mnist_deb", "sklearn_digits")
 TEXT_DATASETS = ("stdlib_bytes", "text_files")
+# (image shape, classes) of the built-in image datasets, known without building them
+IMAGE_DATASETS = {"fashion_mnist_deb": ((28, 28, 1), 10), "sklearn_digits": ((8, 8, 1), 10)}
 AUTO_IMAGES = "auto_images"
 SPLITS = ("train", "validation")
 VOCAB_SIZE = 256  # bytes
 _DEFAULT_DATA_DIR = "~/.cache/normjax/tensorflow_datasets"
 
 
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """A validated ``data`` section (``validate``): resolved settings and what the data looks like."""
+  name: str  # resolved: "auto_images" becomes the dataset it stands for
+  data_dir: str  # absolute
+  shuffle_seed: int
+  kind: str  # "text" or "image"
+  seq_len: int | None = None  # text: tokens per example
+  text_dir: str | None = None  # text_files: the directory
+  vocab_size: int | None = None  # text
+  image_shape: tuple[int, int, int] | None = None  # image: (H, W, C)
+  num_classes: int | None = None  # image
+
+
 def data_dir(cfg: Any) -> str:
   """``cfg.data_dir``, else ``$NORMJAX_DATA_DIR``, else ``~/.cache/normjax/tensorflow_datasets``."""
-  path = cfg.data_dir or os.environ.get("NORMJAX_DATA_DIR") or _DEFAULT_DATA_DIR
+  path = cfg.get("data_dir") or os.environ.get("NORMJAX_DATA_DIR") or _DEFAULT_DATA_DIR
   return os.path.abspath(os.path.expanduser(path))
 
 
@@ -60,8 +81,8 @@ def _split_names(builder: Any) -> dict[str, str]:
   available = list(builder.info.splits)
   valid = "validation" if "validation" in available else "test"
   if "train" not in available or valid not in available:
-    raise ValueError(f"the prepared TFDS dataset at {builder.data_dir} has splits {available}; "
-                     "need 'train' and 'validation' (or 'test')")
+    raise ConfigError(f"the prepared TFDS dataset at {builder.data_dir} has splits {available}; "
+                      "need 'train' and 'validation' (or 'test')")
   return {"train": "train", "validation": valid}
 
 
@@ -73,57 +94,72 @@ def _generic_kind(name: str, builder: Any) -> str:
   if "image" in features and "label" in features:
     image = features["image"]
     if None in image.shape or len(image.shape) != 3 or image.np_dtype != np.uint8:
-      raise ValueError(f"data.name={name!r}: image feature {image} at {builder.data_dir} must be "
-                       "uint8 with a fixed shape (H, W, C)")
+      raise ConfigError(f"data.name={name!r}: image feature {image} at {builder.data_dir} must be "
+                        "uint8 with a fixed shape (H, W, C)")
     return "image"
-  raise ValueError(f"data.name={name!r}: the prepared TFDS dataset at {builder.data_dir} has "
-                   f"features {list(features)}; need a 'text' feature, or 'image' and 'label'")
+  raise ConfigError(f"data.name={name!r}: the prepared TFDS dataset at {builder.data_dir} has "
+                    f"features {list(features)}; need a 'text' feature, or 'image' and 'label'")
 
 
-def validate(cfg: Any) -> None:
-  """Check a data config without building or downloading anything; ValueError names the field,
-  its value and the valid choices. Reads only the metadata of prepared TFDS datasets."""
+def validate(cfg: Any) -> DataConfig:
+  """Checks a data config section without building or downloading anything; ConfigError names the
+  field, its value and the valid choices. Reads only the metadata of prepared TFDS datasets."""
+  if isinstance(cfg, DataConfig):
+    return cfg
   name, root = resolve_name(cfg.name), data_dir(cfg)
   if os.path.exists(root) and not os.path.isdir(root):
-    raise ValueError(f"data.data_dir={cfg.data_dir!r} ({root}) is not a directory")
+    raise ConfigError(f"data.data_dir={cfg.data_dir!r} ({root}) is not a directory")
   seed = cfg.shuffle_seed
   if not isinstance(seed, int) or seed < 0:
-    raise ValueError(f"data.shuffle_seed={seed!r} must be an int >= 0")
+    raise ConfigError(f"data.shuffle_seed={seed!r} must be an int >= 0")
+  text_dir = cfg.get("text_dir") or None
   if name == "text_files":
-    text_dir = getattr(cfg, "text_dir", "")
-    if not text_dir:
-      raise ValueError(f"data.text_dir={text_dir!r} : data.name='text_files' needs a directory of "
-                       "text files")
-    if not os.path.isdir(text_dir):
-      raise ValueError(f"data.text_dir={text_dir!r} does not exist" if not os.path.exists(text_dir)
-                       else f"data.text_dir={text_dir!r} is not a directory")
-    if not corpus.list_text_files(text_dir):
-      raise ValueError(f"data.text_dir={text_dir!r} contains no (non-hidden) files")
+    _check_text_dir(text_dir)
   if name == "fashion_mnist_deb" and corpus.fashion_mnist_files() is None and not glob.glob(
       os.path.join(root, name, "*", "dataset_info.json")):
     package = corpus.FASHION_MNIST_PACKAGE
-    raise ValueError(f"data.name={cfg.name!r} needs the Debian package {package} (apt-get install "
-                     f"{package}), which is not installed; use {AUTO_IMAGES!r} to fall back to "
-                     "'sklearn_digits'")
-  if name in DATASETS:
-    kind = "text" if name in TEXT_DATASETS else "image"
-  else:
-    builder = _prepared_builder(name, root)
-    if builder is None:
-      raise ValueError(f"data.name={cfg.name!r} is not a built-in dataset and no prepared TFDS "
-                       f"dataset {name!r} was found in {root}; {_choices(name)}")
-    kind = _generic_kind(name, builder)
-    _split_names(builder)
+    raise ConfigError(f"data.name={cfg.name!r} needs the Debian package {package} (apt-get install "
+                      f"{package}), which is not installed; use {AUTO_IMAGES!r} to fall back to "
+                      "'sklearn_digits'")
+  common = dict(name=name, data_dir=root, shuffle_seed=seed, text_dir=text_dir)
+  if name in TEXT_DATASETS:
+    return DataConfig(kind="text", seq_len=_check_seq_len(cfg.get("seq_len"), corpus.CHUNK_LEN),
+                      vocab_size=VOCAB_SIZE, **common)
+  if name in IMAGE_DATASETS:
+    shape, classes = IMAGE_DATASETS[name]
+    return DataConfig(kind="image", image_shape=shape, num_classes=classes, **common)
+  builder = _prepared_builder(name, root)
+  if builder is None:
+    raise ConfigError(f"data.name={cfg.name!r} is not a built-in dataset and no prepared TFDS "
+                      f"dataset {name!r} was found in {root}; {_choices(name)}")
+  kind = _generic_kind(name, builder)
+  _split_names(builder)
   if kind == "text":
-    _check_seq_len(cfg.seq_len, corpus.CHUNK_LEN if name in TEXT_DATASETS else None)
+    return DataConfig(kind="text", seq_len=_check_seq_len(cfg.get("seq_len"), None),
+                      vocab_size=VOCAB_SIZE, **common)
+  features = builder.info.features
+  return DataConfig(kind="image", image_shape=tuple(features["image"].shape),
+                    num_classes=features["label"].num_classes, **common)
 
 
-def _check_seq_len(seq_len: Any, limit: int | None) -> None:
-  if not isinstance(seq_len, int) or seq_len < 1:
-    raise ValueError(f"data.seq_len={seq_len!r} must be an int >= 1")
+def _check_text_dir(text_dir: str | None) -> None:
+  if not text_dir:
+    raise ConfigError(f"data.text_dir={text_dir!r} : data.name='text_files' needs a directory of "
+                      "text files")
+  if not os.path.isdir(text_dir):
+    raise ConfigError(f"data.text_dir={text_dir!r} does not exist" if not os.path.exists(text_dir)
+                      else f"data.text_dir={text_dir!r} is not a directory")
+  if not corpus.list_text_files(text_dir):
+    raise ConfigError(f"data.text_dir={text_dir!r} contains no (non-hidden) files")
+
+
+def _check_seq_len(seq_len: Any, limit: int | None) -> int:
+  if not isinstance(seq_len, int) or isinstance(seq_len, bool) or seq_len < 1:
+    raise ConfigError(f"data.seq_len={seq_len!r} must be an int >= 1")
   if limit is not None and seq_len > limit:
-    raise ValueError(f"data.seq_len={seq_len} exceeds the stored chunk length {limit}; "
-                     f"choose 1 <= seq_len <= {limit}")
+    raise ConfigError(f"data.seq_len={seq_len} exceeds the stored chunk length {limit}; "
+                      f"choose 1 <= seq_len <= {limit}")
+  return seq_len
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,23 +172,21 @@ class _Opened:
   builtin: bool
 
 
-def _open(cfg: Any) -> _Opened:
-  """Validate, then return the dataset, building a built-in one into data_dir on first use."""
-  validate(cfg)
-  name, root = resolve_name(cfg.name), data_dir(cfg)
+def _open(cfg: DataConfig) -> _Opened:
+  """The dataset of a validated config, building a built-in one into data_dir on first use."""
+  name, root = cfg.name, cfg.data_dir
   if name not in DATASETS:
     builder = _prepared_builder(name, root)
-    return _Opened(name, _generic_kind(name, builder), builder, _split_names(builder), False)
+    return _Opened(name, cfg.kind, builder, _split_names(builder), False)
   from normjax.data import builders  # imports tensorflow_datasets
   kwargs = {"text_dir": cfg.text_dir} if name == "text_files" else {}
   builder = builders.BUILDERS[name](data_dir=root, file_format="array_record", **kwargs)
   if not builder.is_prepared():
     builder.download_and_prepare()
-  kind = "text" if name in TEXT_DATASETS else "image"
-  return _Opened(name, kind, builder, {s: s for s in SPLITS}, True)
+  return _Opened(name, cfg.kind, builder, {s: s for s in SPLITS}, True)
 
 
-def _num_examples(opened: _Opened, split: str, cfg: Any) -> int:
+def _num_examples(opened: _Opened, split: str, cfg: DataConfig) -> int:
   stored = opened.builder.info.splits[opened.splits[split]].num_examples
   if opened.kind == "text" and opened.builtin:
     return stored * batches.windows_per_chunk(cfg.seq_len)
@@ -174,29 +208,30 @@ def _source(opened: _Opened) -> str:
           f"(splits {opened.splits})")
 
 
-def info(cfg: Any) -> dict[str, Any]:
+def info(cfg: DataConfig | Any) -> dict[str, Any]:
   """kind, vocab_size (text) or image_shape and num_classes (image), num_examples per split and a
   human-readable source. Builds a built-in dataset on first use."""
+  cfg = validate(cfg)
   opened = _open(cfg)
-  out: dict[str, Any] = {"kind": opened.kind}
-  features = opened.builder.info.features
-  if opened.kind == "text":
-    out["vocab_size"] = VOCAB_SIZE
+  out: dict[str, Any] = {"kind": cfg.kind}
+  if cfg.kind == "text":
+    out["vocab_size"] = cfg.vocab_size
   else:
-    out["image_shape"] = tuple(features["image"].shape)
-    out["num_classes"] = features["label"].num_classes
+    out["image_shape"] = cfg.image_shape
+    out["num_classes"] = cfg.num_classes
   out["num_examples"] = {split: _num_examples(opened, split, cfg) for split in SPLITS}
   out["source"] = _source(opened)
   return out
 
 
-def load(cfg: Any, split: str, batch_size: int) -> batches.StepIndexedBatches:
+def load(cfg: DataConfig | Any, split: str, batch_size: int) -> batches.StepIndexedBatches:
   """Batches of ``split`` ("train" or "validation"), shuffled with ``cfg.shuffle_seed``; builds a
   built-in dataset on first use, then reads it by random access (no TensorFlow)."""
   if split not in SPLITS:
     raise ValueError(f"split={split!r} must be one of {list(SPLITS)}")
   if not isinstance(batch_size, int) or batch_size < 1:
     raise ValueError(f"batch_size={batch_size!r} must be an int >= 1")
+  cfg = validate(cfg)
   opened = _open(cfg)
   source = opened.builder.as_data_source(split=opened.splits[split])
   if opened.kind == "image":

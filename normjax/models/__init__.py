@@ -10,7 +10,7 @@ MODELS = {"llama": Llama, "vit": ViT}
 
 
 def build(cfg: ModelConfig, *, seed: int = 0):
-  """The model named by ``cfg.name`` (its constructor validates cfg), initialized from ``seed``."""
+  """The model named by ``cfg.name`` (a ``ModelConfig`` is valid once made), initialized from ``seed``."""
   return MODELS[cfg.name](cfg, rngs=nnx.Rngs(seed))
 
 

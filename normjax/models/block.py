@@ -15,20 +15,19 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from normjax import norms, placements, variance
+from normjax import norms, placements, roles, variance
 from normjax.models.config import REMAT_POLICIES, ModelConfig
 from normjax.models.layers import Attention, Mlp, activation_norm, call_norm
 
 Array = jax.Array
-ROLES = {"llama": ("q", "k", "v", "o", "gate", "up", "down"), "vit": ("q", "k", "v", "o", "fc1", "fc2")}
 
 
 class Block(nnx.Module):
   """Attention and MLP sublayers under one placement; ``[B, T, w] -> [B, T, w]`` plus statistics."""
 
   def __init__(self, cfg: ModelConfig, layer: Any, rngs: nnx.Rngs):
-    stds = {role: cfg.init.std * variance.init_factor(cfg.init.scheme, role, layer, cfg.num_layers)
-            for role in ROLES[cfg.name]}
+    stds = {role.name: cfg.init.std * variance.init_factor(cfg.init.scheme, role, layer, cfg.num_layers)
+            for role in roles.ROLES[cfg.name]}
     spec = norms.get(cfg.norm.kind)
     weight_norm = spec.name if spec.acts_on == "weights" else None
     self.attn = Attention(cfg, stds, rngs, weight_norm)

@@ -1,8 +1,9 @@
-"""``ModelConfig``: every architectural switch of the LLaMA and ViT models, validated before any JAX work.
+"""``ModelConfig``: every architectural switch of the LLaMA and ViT models, validated when it is made.
 
 The training loop builds it from the ``model`` section of an ml_collections config
-(``ModelConfig.from_dict(config.model.to_dict())``); tests and notebooks build it directly.
-``validate()`` rejects bad values with the field, the value and the valid choices.
+(``normjax.config.model_config``); tests and notebooks build it directly. Construction (and
+``replace``) rejects bad values with a ``ConfigError`` naming the field, the value and the valid
+choices, so a ``ModelConfig`` that exists is valid and nothing downstream checks it again.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import jax
 
 import pallas_kernels
 from normjax import norms
-from normjax.norms._util import check_choice
+from normjax.validation import ConfigError, check_choice
 
 MODEL_NAMES = ("llama", "vit")
 DTYPES = ("float32", "bfloat16")
@@ -25,14 +26,16 @@ REMAT_POLICIES = {
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep matmul outputs
 }
 POOLS = ("cls", "mean")
-# Norms whose statistics mix positions of a sequence: in a causal decoder they leak future tokens.
-BATCH_STAT_NORMS = ("batch_norm", "batch_channel_norm", "power_norm", "evonorm_b0")
+# Settings that belong to the model, not to a norm kind's options: one place each.
+MODEL_LEVEL_OPTIONS = {"impl": "model.norm.impl", "param_dtype": "model.param_dtype"}
 
 
 @dataclasses.dataclass(frozen=True)
 class NormConfig:
   kind: str = "rms_norm"  # registry name or alias (normjax.norms.names())
-  options: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # the kind's options (eps, ...)
+  # the kind's options (eps, casting, ...: normjax.norms.get(kind).options_type), except impl and
+  # param_dtype, which have one home each (the field below, model.param_dtype)
+  options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   # layer_norm/rms_norm/crms_norm: "xla", "pallas" (fused kernels), "triton", or "auto" (the kernel
   # only where benchmarks/kernels.py measured it faster than XLA on this device; XLA on CPU).
   impl: str = "auto"
@@ -45,6 +48,13 @@ class PlacementConfig:
   embed_norm: bool = False  # peri: normalize the embedding output too (open question in the paper)
   mix_alpha: float = 0.25  # mix: the first floor(alpha * L) blocks are Post-LN
   deepnorm_alpha: float | None = None  # deepnorm residual gain; None = decoder-only (2L)^(1/4)
+
+  def __post_init__(self):
+    if self.deepnorm_alpha is not None and self.deepnorm_alpha <= 0:
+      raise ConfigError(f"model.placement.deepnorm_alpha={self.deepnorm_alpha} must be positive "
+                        "(None = the decoder-only (2L)^(1/4))")
+    if not 0.0 <= self.mix_alpha <= 1.0:
+      raise ConfigError(f"model.placement.mix_alpha={self.mix_alpha} must be in [0, 1]")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,11 +98,11 @@ class ModelConfig:
 
   @property
   def kv_heads(self) -> int:
-    return self.num_kv_heads or self.num_heads
+    return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
 
   @property
   def hidden_dim(self) -> int:
-    if self.mlp_dim:
+    if self.mlp_dim is not None:
       return self.mlp_dim
     if self.name == "vit":
       return 4 * self.d_model
@@ -122,60 +132,80 @@ class ModelConfig:
     known = {f.name for f in dataclasses.fields(cls)}
     for key in values:
       if key not in known:
-        raise ValueError(f"model.{key} is not a model field; valid fields: {sorted(known)}")
+        raise ConfigError(f"model.{key} is not a model field; valid fields: {sorted(known)}")
     for key, sub_cls in sub.items():
       if isinstance(values.get(key), Mapping):
         fields = {f.name for f in dataclasses.fields(sub_cls)}
         for name in values[key]:
           if name not in fields:
-            raise ValueError(f"model.{key}.{name} is not a field; valid fields: {sorted(fields)}")
+            raise ConfigError(f"model.{key}.{name} is not a field; valid fields: {sorted(fields)}")
         values[key] = sub_cls(**values[key])
     return cls(**values)
 
-  def validate(self) -> ModelConfig:
-    """Checks every field against the others; returns self so calls chain."""
-    from normjax import placements, variance  # local: both import this module
+  def __post_init__(self):
+    _check(self)
 
-    check_choice(self.name, "model.name", MODEL_NAMES)
-    check_choice(self.dtype, "model.dtype", DTYPES)
-    check_choice(self.param_dtype, "model.param_dtype", DTYPES)
-    check_choice(self.remat, "model.remat", REMAT_POLICIES)
-    check_choice(self.pool, "model.pool", POOLS)
-    check_choice(self.init.scheme, "model.init.scheme", variance.init_schemes())
-    for field in ("num_layers", "d_model", "num_heads", "vocab_size", "patch_size", "num_classes"):
-      if getattr(self, field) < 1:
-        raise ValueError(f"model.{field}={getattr(self, field)} must be positive")
-    if self.d_model % self.num_heads:
-      raise ValueError(f"model.num_heads={self.num_heads} does not divide model.d_model={self.d_model}")
-    if self.num_heads % self.kv_heads:
-      raise ValueError(f"model.num_kv_heads={self.num_kv_heads} does not divide "
-                       f"model.num_heads={self.num_heads}")
-    if self.name == "vit" and self.image_size % self.patch_size:
-      raise ValueError(f"model.patch_size={self.patch_size} does not divide "
-                       f"model.image_size={self.image_size}")
-    try:
-      spec = norms.get(self.norm.kind)
-      spec.options(**self.norm.options)
-    except ValueError as error:
-      raise ValueError(f"model.norm: {error}") from None
-    check_choice(self.norm.impl, "model.norm.impl", pallas_kernels.IMPLS)
-    if self.norm.impl not in ("auto", "xla") and "impl" not in spec.defaults:
-      raise ValueError(f"model.norm.impl={self.norm.impl!r} needs a kind with a fused kernel "
-                       f"(layer_norm, rms_norm, crms_norm); model.norm.kind={self.norm.kind!r} has "
-                       "only the XLA implementation: use impl='auto' or 'xla'")
-    placement = placements.get(self.placement.kind)
-    placement.check(self, spec)
-    if self.name == "llama" and spec.name in BATCH_STAT_NORMS and placement.norm_slots:
-      raise ValueError(f"model.norm.kind={self.norm.kind!r} takes statistics across sequence positions, "
-                       "which leaks future tokens into a causal decoder (model.name='llama'); "
-                       f"use it with model.name='vit' or pick a per-token norm")
-    if (spec.name == "crms_norm") != self.compressed:
-      raise ValueError(f"model.norm.kind={self.norm.kind!r} with model.compressed={self.compressed}: "
-                       "crms_norm needs the compressed d-1 residual stream and only it does "
-                       "(build one with normjax.convert.to_crms)")
-    if self.init.scheme == "scaled" and placement.name == "lns":
-      raise ValueError("model.init.scheme='scaled' with model.placement.kind='lns': LayerNorm Scaling "
-                       "must not be combined with scaled init (LNS paper, Table 4); use 'normal'")
-    if not 0.0 <= self.placement.mix_alpha <= 1.0:
-      raise ValueError(f"model.placement.mix_alpha={self.placement.mix_alpha} must be in [0, 1]")
-    return self
+
+def _check(cfg: ModelConfig) -> None:
+  """Checks every field against the others (ConfigError naming the field, value and choices)."""
+  from normjax import placements, variance  # local: both import this module
+
+  check_choice(cfg.name, "model.name", MODEL_NAMES)
+  check_choice(cfg.dtype, "model.dtype", DTYPES)
+  check_choice(cfg.param_dtype, "model.param_dtype", DTYPES)
+  check_choice(cfg.remat, "model.remat", REMAT_POLICIES)
+  check_choice(cfg.pool, "model.pool", POOLS)
+  check_choice(cfg.init.scheme, "model.init.scheme", variance.init_schemes())
+  for field in ("num_layers", "d_model", "num_heads", "vocab_size", "patch_size", "num_classes",
+                "image_size", "channels"):
+    if getattr(cfg, field) < 1:
+      raise ConfigError(f"model.{field}={getattr(cfg, field)} must be positive")
+  for field in ("num_kv_heads", "mlp_dim"):
+    if getattr(cfg, field) is not None and getattr(cfg, field) < 1:
+      raise ConfigError(f"model.{field}={getattr(cfg, field)} must be positive (None = the default)")
+  if cfg.d_model % cfg.num_heads:
+    raise ConfigError(f"model.num_heads={cfg.num_heads} does not divide model.d_model={cfg.d_model}")
+  if cfg.num_heads % cfg.kv_heads:
+    raise ConfigError(f"model.num_kv_heads={cfg.num_kv_heads} does not divide "
+                      f"model.num_heads={cfg.num_heads}")
+  if cfg.name == "vit" and cfg.image_size % cfg.patch_size:
+    raise ConfigError(f"model.patch_size={cfg.patch_size} does not divide "
+                      f"model.image_size={cfg.image_size}")
+  spec = _check_norm(cfg.norm)
+  placement = placements.get(cfg.placement.kind)
+  placement.check(cfg, spec)
+  if cfg.name == "llama" and spec.mixes_positions and placement.norm_slots:
+    raise ConfigError(f"model.norm.kind={cfg.norm.kind!r} takes statistics across sequence positions, "
+                      "which leaks future tokens into a causal decoder (model.name='llama'); "
+                      f"use it with model.name='vit' or pick a per-token norm")
+  if (spec.name == "crms_norm") != cfg.compressed:
+    raise ConfigError(f"model.norm.kind={cfg.norm.kind!r} with model.compressed={cfg.compressed}: "
+                      "crms_norm needs the compressed d-1 residual stream and only it does "
+                      "(build one with normjax.convert.to_crms)")
+  if cfg.init.scheme == "scaled" and placement.name == "lns":
+    raise ConfigError("model.init.scheme='scaled' with model.placement.kind='lns': LayerNorm Scaling "
+                      "must not be combined with scaled init (LNS paper, Table 4); use 'normal'")
+
+
+def _check_norm(norm: NormConfig) -> norms.NormSpec:
+  """The norm's spec, after checking its options and its implementation."""
+  for option, home in MODEL_LEVEL_OPTIONS.items():
+    if option in norm.options:
+      raise ConfigError(f"model.norm.options.{option}={norm.options[option]!r} duplicates {home}: "
+                        f"set it once, in {home}")
+  try:
+    spec = norms.get(norm.kind)
+    options = spec.options(**norm.options)
+  except ValueError as error:
+    raise ConfigError(f"model.norm: {error}") from None
+  check_choice(norm.impl, "model.norm.impl", pallas_kernels.IMPLS)
+  if norm.impl in ("auto", "xla"):
+    return spec
+  if spec.name not in pallas_kernels.KINDS:
+    raise ConfigError(f"model.norm.impl={norm.impl!r} needs a kind with a fused kernel "
+                      f"({', '.join(pallas_kernels.KINDS)}); model.norm.kind={norm.kind!r} has "
+                      "only the XLA implementation: use impl='auto' or 'xla'")
+  if options.axis != -1:
+    raise ConfigError(f"model.norm.impl={norm.impl!r} normalizes the last axis only; got "
+                      f"model.norm.options.axis={options.axis!r}")
+  return spec

@@ -1,8 +1,13 @@
 """Small NNX layers shared by LLaMA and ViT: dense, embedding, rotary embedding, attention, MLPs.
 
-Every parameter is an ``nnx.Param`` whose ``out_sharding`` metadata holds logical axis names
+Every parameter's type says what it is (``normjax.params``: ``Kernel``, ``Bias``, ``NormParam``,
+plain ``nnx.Param`` for embeddings) and its ``out_sharding`` metadata holds logical axis names
 (embed, mlp, heads, kv, vocab, norm; ``layers`` is added by the stacked blocks) for the training
 loop's sharding rules. Compute happens in ``dtype``; parameters are stored in ``param_dtype``.
+
+The norms of a model are built here (``activation_norm``): the XLA reference of the registry, or,
+for the kinds with a fused kernel and ``model.norm.impl`` other than ``xla``, the
+``pallas_kernels`` op of the same name (``KernelNorm``) with the same parameters.
 """
 
 from __future__ import annotations
@@ -13,20 +18,25 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+import pallas_kernels
 from normjax import norms
+from normjax.axes import BATCH_AXES
 from normjax.nn.nnx import Norm
+from normjax.params import Bias, Kernel
 
 Array = jax.Array
 
 
 def param(rngs: nnx.Rngs | None, shape: tuple[int, ...], std: Any, dtype: Any,
-          axes: tuple[str | None, ...], *, zeros: bool = False) -> nnx.Param:
-  """A normal(0, std) (or zero) parameter with logical axes; std may be traced (per-layer init)."""
+          axes: tuple[str | None, ...], *, zeros: bool = False,
+          kind: type[nnx.Param] = nnx.Param) -> nnx.Param:
+  """A normal(0, std) (or zero) parameter of type ``kind`` with logical axes; std may be traced
+  (per-layer init)."""
   if zeros:
     value = jnp.zeros(shape, dtype)
   else:
     value = (jax.random.normal(rngs.params(), shape, jnp.float32) * std).astype(dtype)
-  return nnx.Param(value, out_sharding=axes, eager_sharding=False)
+  return kind(value, out_sharding=axes, eager_sharding=False)
 
 
 class Dense(nnx.Module):
@@ -41,8 +51,9 @@ class Dense(nnx.Module):
   def __init__(self, in_features: int, out_features: int, axes: tuple[str | None, str | None], *,
                std: Any, use_bias: bool, dtype: Any, param_dtype: Any, rngs: nnx.Rngs,
                weight_norm: str | None = None, center_output: bool = False):
-    self.kernel = param(rngs, (in_features, out_features), std, param_dtype, axes)
-    self.bias = param(None, (out_features,), 0.0, param_dtype, axes[1:], zeros=True) if use_bias else None
+    self.kernel = param(rngs, (in_features, out_features), std, param_dtype, axes, kind=Kernel)
+    self.bias = (param(None, (out_features,), 0.0, param_dtype, axes[1:], zeros=True, kind=Bias)
+                 if use_bias else None)
     self.weight_norm = Norm(weight_norm, self.kernel[...]) if weight_norm else None
     self.dtype = dtype
     self.center_output = center_output
@@ -147,23 +158,42 @@ class Mlp(nnx.Module):
     return self.fc2(jax.nn.gelu(self.fc1(x, train=train)), train=train), {}
 
 
+class KernelNorm(Norm):
+  """layer_norm / rms_norm / crms_norm through ``pallas_kernels``' implementation dispatch.
+
+  Same parameters and options as ``Norm`` (so checkpoints do not depend on ``impl``); the rows are
+  split over the mesh's batch axes under ``jax.set_mesh``.
+  """
+
+  def __init__(self, kind: str, features: int, *, impl: str, rngs: nnx.Rngs | None = None,
+               **options: Any):
+    super().__init__(kind, features, rngs=rngs, **options)
+    self.impl = impl
+
+  def __call__(self, x: Array, *, train: bool = False, out_scale: Any = 1.0) -> Array:
+    """``x: [..., d] -> [..., d]``."""
+    o, op = self.options, getattr(pallas_kernels, self.kind)
+    return self._run(x, train, lambda x, p, s: (op(
+        x, p.get("scale"), p.get("bias"), eps=o.eps, out_scale=out_scale, scale_offset=o.scale_offset,
+        casting=o.casting, impl=self.impl, row_axes=BATCH_AXES), s))
+
+
 def activation_norm(cfg: Any, rngs: nnx.Rngs | None = None) -> Norm | None:
   """A residual-stream norm of the configured kind (None for weight-space kinds)."""
   spec = norms.get(cfg.norm.kind)
   if spec.acts_on == "weights":
     return None
   options = dict(cfg.norm.options)
+  if "param_dtype" in spec.defaults:
+    options["param_dtype"] = cfg.param_dtype  # one home: model.param_dtype (options may not set it)
   if "batch_axes" in spec.defaults:
     options.setdefault("batch_axes", (0, 1))  # group statistics per token, never across positions
-  features = cfg.width
+  if cfg.norm.impl != "xla" and spec.name in pallas_kernels.KINDS:
+    return KernelNorm(spec.name, cfg.width, impl=cfg.norm.impl, rngs=rngs, **options)
   if "num_groups" in spec.defaults or spec.name == "evonorm_b0":
-    example = jax.ShapeDtypeStruct((1, 1, features), jnp.float32)
+    example = jax.ShapeDtypeStruct((1, 1, cfg.width), jnp.float32)
   else:
-    example = features
-  if "param_dtype" in spec.defaults:
-    options.setdefault("param_dtype", cfg.param_dtype)
-  if "impl" in spec.defaults:
-    options.setdefault("impl", cfg.norm.impl)
+    example = cfg.width
   return Norm(spec.name, example, rngs=rngs, **options)
 
 

@@ -26,7 +26,6 @@ Array = jax.Array
 
 class Llama(nnx.Module):
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-    cfg = cfg.validate()
     self.cfg = cfg
     self.embed = param(rngs, (cfg.vocab_size, cfg.width), cfg.init.std, cfg.param_dtype,
                        ("vocab", "embed"))

@@ -31,7 +31,6 @@ def patchify(images: Array, patch: int) -> Array:
 
 class ViT(nnx.Module):
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-    cfg = cfg.validate()
     self.cfg = cfg
     num_patches = (cfg.image_size // cfg.patch_size) ** 2
     tokens = num_patches + (cfg.pool == "cls")

@@ -23,7 +23,8 @@ STATE_COLLECTION = "norm_state"
 
 
 class Norm(nn.Module):
-  """A registered norm kind. ``options`` are the kind's construction options (see ``spec.defaults``)."""
+  """A registered norm kind. ``options`` are the kind's construction options (the fields of
+  ``normjax.norms.get(kind).options_type``)."""
   kind: str
   options: Mapping[str, Any] | None = None
 
@@ -32,20 +33,20 @@ class Norm(nn.Module):
     """``x: [..., d] -> [..., d]`` (for weight kinds, a kernel ``[..., out]``)."""
     spec = norms.get(self.kind)
     options = spec.options(**dict(self.options or {}))
-    shapes = jax.eval_shape(lambda: spec.init_params(jax.random.key(0), x, **options))
+    shapes = jax.eval_shape(lambda: spec.init_params(jax.random.key(0), x, options))
     params = {
         name: self.param(name, nn.with_logical_partitioning(
-            lambda key, name=name: spec.init_params(key, x, **options)[name],
+            lambda key, name=name: spec.init_params(key, x, options)[name],
             norms.logical_axes(shape)))
         for name, shape in shapes.items()}
     state_vars = {}
     if spec.stateful:
-      state_shapes = jax.eval_shape(lambda: spec.init_state(x, **options))
+      state_shapes = jax.eval_shape(lambda: spec.init_state(x, options))
       state_vars = {name: self.variable(STATE_COLLECTION, name,
-                                        lambda name=name: spec.init_state(x, **options)[name])
+                                        lambda name=name: spec.init_state(x, options)[name])
                     for name in state_shapes}
     state = {name: var.value for name, var in state_vars.items()}
-    y, new_state = spec.apply(x, params, state, train=train, **options, **call_options)
+    y, new_state = spec.apply(x, params, state, train=train, options=options, **call_options)
     if train and not self.is_initializing() and self.is_mutable_collection(STATE_COLLECTION):
       for name, var in state_vars.items():
         var.value = new_state[name]

@@ -1,8 +1,9 @@
 """``Norm`` for flax.nnx: any registered norm kind as an eager NNX module.
 
-Parameters are ``nnx.Param`` attributes named as in the registry, with logical axes in their
-``out_sharding`` metadata; state is held in ``NormState`` variables and updated in place by a call
-with ``train=True``.
+Parameters are ``normjax.params.NormParam`` attributes (an ``nnx.Param`` subtype, so optimizers see
+them as parameters while the weight-decay mask and the statistics tell them apart by type) named as
+in the registry, with logical axes in their ``out_sharding`` metadata; state is held in ``NormState``
+variables and updated in place by a call with ``train=True``.
 
     norm = Norm("rms_norm", 512, rngs=nnx.Rngs(0))
     y = norm(x)
@@ -17,10 +18,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from normjax import norms
+from normjax.params import NormParam, NormState
 
-
-class NormState(nnx.Variable):
-  """Non-trainable norm state: running statistics, sigma-Reparam's u, PowerNorm's nu."""
+__all__ = ["Norm", "NormParam", "NormState"]
 
 
 def _example(features_or_example: Any, dtype: Any) -> Any:
@@ -38,7 +38,7 @@ class Norm(nnx.Module):
       ``jax.ShapeDtypeStruct`` when shape matters (group norms need ``[batch, ..., C]``) or values
       matter (sigma_reparam initializes from the weight itself).
     rngs: optional; no built-in kind draws random parameters.
-    **options: the kind's construction options (``normjax.norms.get(kind).defaults``).
+    **options: the kind's construction options (fields of ``normjax.norms.get(kind).options_type``).
   """
 
   def __init__(self, kind: str, features_or_example: Any, *, rngs: nnx.Rngs | None = None,
@@ -48,23 +48,28 @@ class Norm(nnx.Module):
     self.options = spec.options(**options)
     example = _example(features_or_example, jnp.float32)
     key = rngs.params() if rngs is not None else jax.random.key(0)
-    params = spec.init_params(key, example, **self.options)
-    state = spec.init_state(example, **self.options)
+    params = spec.init_params(key, example, self.options)
+    state = spec.init_state(example, self.options)
     self.param_names = tuple(params)
     self.state_names = tuple(state)
     for name, value in params.items():
-      setattr(self, name, nnx.Param(value, out_sharding=norms.logical_axes(value),
+      setattr(self, name, NormParam(value, out_sharding=norms.logical_axes(value),
                                     eager_sharding=False))
     for name, value in state.items():
       setattr(self, name, NormState(value))
 
-  def __call__(self, x: jax.Array, *, train: bool = False, **call_options: Any) -> jax.Array:
-    """``x: [..., d] -> [..., d]``; with ``train=True`` the state variables are updated."""
-    spec = norms.get(self.kind)
+  def _run(self, x: jax.Array, train: bool, fn: Any) -> jax.Array:
+    """Calls ``fn(x, params, state)`` and writes the new state back when training."""
     params = {name: getattr(self, name)[...] for name in self.param_names}
     state = {name: getattr(self, name).get_value() for name in self.state_names}
-    y, new_state = spec.apply(x, params, state, train=train, **self.options, **call_options)
+    y, new_state = fn(x, params, state)
     if train:
       for name in self.state_names:
         getattr(self, name).set_value(new_state[name])
     return y
+
+  def __call__(self, x: jax.Array, *, train: bool = False, **call_options: Any) -> jax.Array:
+    """``x: [..., d] -> [..., d]``; with ``train=True`` the state variables are updated."""
+    spec = norms.get(self.kind)
+    return self._run(x, train, lambda x, p, s: spec.apply(x, p, s, train=train, options=self.options,
+                                                          **call_options))

@@ -7,13 +7,14 @@ so that a wrong shape fails with a message instead of broadcasting silently.
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from normjax.validation import check_choice
 
 Array = jax.Array
 Axis = int | Sequence[int]
@@ -65,18 +66,6 @@ def check_scalar(value: Any, name: str) -> Array:
   """A Python number or a 0-d (possibly traced) array; anything else is a ValueError."""
   if jnp.ndim(value) != 0:
     raise ValueError(f"{name} must be a scalar (Python float or 0-d array), got shape {jnp.shape(value)}")
-  return value
-
-
-def closest(name: Any, choices: Sequence[str]) -> str | None:
-  """The valid choice nearest to a mistyped ``name`` (for "did you mean" hints), or None."""
-  close = difflib.get_close_matches(str(name), list(choices), n=1)
-  return close[0] if close else None
-
-
-def check_choice(value: str, field: str, choices: Sequence[str]) -> str:
-  if value not in choices:
-    raise ValueError(f"{field}={value!r} is not valid; choose one of {list(choices)}")
   return value
 
 

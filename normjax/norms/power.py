@@ -29,7 +29,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from normjax.norms._util import Array, affine, check_choice, expand_param, masked_mean, stat_dtype
+from normjax.norms._util import Array, affine, expand_param, masked_mean, stat_dtype
+from normjax.validation import check_choice
 from normjax.norms.batch import _feature_mask
 from normjax.treeutil import path_names
 

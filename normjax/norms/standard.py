@@ -2,7 +2,7 @@
 
 All are pure functions of explicit parameters. Statistics are computed in float32 (float64 for
 float64 inputs), eps sits inside the square root, and the result comes back in ``x.dtype``.
-Formulas and defaults follow ``shared/docs/METHODS.md``.
+Formulas, defaults and papers: ``docs/norms.md``.
 """
 
 from __future__ import annotations

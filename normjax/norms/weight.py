@@ -11,7 +11,8 @@ from typing import Any
 import jax.numpy as jnp
 from jax import lax
 
-from normjax.norms._util import Array, check_choice, check_scalar, stat_dtype
+from normjax.norms._util import Array, check_scalar, stat_dtype
+from normjax.validation import check_choice
 
 WS_VARIANTS = ("paper", "code")
 GAMMA_INITS = ("sigma", "one")

@@ -5,7 +5,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from normjax.config import ConfigError
+from normjax.validation import ConfigError
 from normjax.train.loop import NonFiniteLoss, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "config file, e.g. configs/llama.py:tiny",

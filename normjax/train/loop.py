@@ -26,7 +26,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec
 
 from normjax import config as config_lib
-from normjax import data, models, variance
+from normjax import data, models
 from normjax.train import mesh as mesh_lib
 from normjax.train.optim import make_optimizer, schedule
 from normjax.train.step import Steps, jit_steps
@@ -52,35 +52,40 @@ def build_steps(config: mlc.ConfigDict, model_cfg: Any) -> tuple[nnx.Module, Ste
   """The model (seeded by ``config.seed``), its optimizer and ``Steps``, exactly as ``train`` builds
   them (so a restored checkpoint matches); returns (model, steps, weight-decay mask)."""
   model = models.build(model_cfg, seed=config.seed)
-  tx, decay = make_optimizer(nnx.to_pure_dict(nnx.state(model, nnx.Param)), config)
+  tx, decay = make_optimizer(nnx.state(model, nnx.Param), config)
   return model, Steps(model, tx, schedule(config)), decay
 
 
+def due(step: int, every: int, *, last: int | None = None, first: bool = False) -> bool:
+  """Whether a periodic action (log, eval, save, statistics, TVR) runs after ``step`` (1-based):
+  at multiples of ``every`` (0 = never), at step ``last`` and, with ``first``, at step 1."""
+  return bool(every and step % every == 0) or step == last or (first and step == 1)
+
+
 def train(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
-  # ---------------------------------------------------------------- validate (no JAX work yet)
-  _, sizes = config_lib.validate(config, jax.device_count())
+  # ---------------------------------------------------------------- validate once (no JAX work yet)
+  run = config_lib.validate(config, jax.device_count())
   workdir_path = pathlib.Path(workdir)
   workdir_path.mkdir(parents=True, exist_ok=True)
   # ---------------------------------------------------------------- data
-  info = data.info(config.data)
-  model_cfg = config_lib.model_config(config, info)
+  info = data.info(run.data)
   batch_size, total = config.train.batch_size, config.train.steps
-  train_data = data.load(config.data, "train", batch_size)
-  val_data = data.load(config.data, "validation", batch_size)
-  items_per_step = batch_size * (config.data.seq_len if info["kind"] == "text" else 1)
-  throughput_key = "tokens_per_second" if info["kind"] == "text" else "images_per_second"
+  train_data = data.load(run.data, "train", batch_size)
+  val_data = data.load(run.data, "validation", batch_size)
+  items_per_step = batch_size * (run.data.seq_len if run.data.kind == "text" else 1)
+  throughput_key = "tokens_per_second" if run.data.kind == "text" else "images_per_second"
   # ---------------------------------------------------------------- model, optimizer, sharding
-  mesh = mesh_lib.make_mesh(sizes, jax.devices()[:math.prod(sizes.values())])
-  model, steps, decay = build_steps(config, model_cfg)
+  mesh = mesh_lib.make_mesh(run.mesh, jax.devices()[:math.prod(run.mesh.values())])
+  model, steps, decay = build_steps(config, run.model)
   state = steps.init_state(model)
   specs = state_specs(steps, model, state, mesh)
   state_shardings = mesh_lib.shardings(specs, mesh)
   state = jax.device_put(state, state_shardings)
   batch_sharding = mesh_lib.batch_sharding(mesh)
   compiled = jit_steps(steps, state_shardings, batch_sharding)
-  tvr_config = variance.TVRConfig(**{k: v for k, v in config.tvr.items() if k != "enabled"})
-  tvr = jax.jit(lambda p: variance.tvr_rescale(p, tvr_config), in_shardings=(state_shardings["params"],),
-                out_shardings=(state_shardings["params"], None))
+  tvr = None if run.tvr is None else jax.jit(
+      lambda p: steps.tvr(p, run.tvr), in_shardings=(state_shardings["params"],),
+      out_shardings=(state_shardings["params"], None))
   # ---------------------------------------------------------------- checkpoints and resume
   ckpt_dir = (workdir_path / "checkpoints").absolute()
   manager = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(
@@ -92,7 +97,7 @@ def train(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
     state = manager.restore(start, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
   writer = Writer(workdir_path, start)
   writer.write_config(config)
-  _describe(workdir_path, model_cfg, info, sizes, specs, decay, start)
+  _describe(workdir_path, run, info, specs, decay, start)
   # ---------------------------------------------------------------- loop
   preempted = []
   previous_handler = signal.signal(signal.SIGTERM, lambda *_: preempted.append(True))
@@ -120,7 +125,7 @@ def train(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
           f"step {writer.last_stats_step} in {writer.stats_path}")
     last["loss"] = loss
     bar.set_postfix(loss=f"{loss:.4f}")
-    if step % config.train.log_every == 0 or step == total:
+    if due(step, config.train.log_every, last=total):
       now = time.perf_counter()
       host[throughput_key] = items_per_step * (step - last["step"]) / (now - last["time"])
       last["time"], last["step"] = now, step
@@ -132,35 +137,34 @@ def train(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
     with jax.set_mesh(mesh):
       for index in range(start, total):
         step = index + 1
-        collect = bool(config.stats.every) and (step % config.stats.every == 0 or step == 1)
+        collect = due(step, config.stats.every, first=True) if config.stats.every else False
         batch = jax.device_put(train_data.batch(index), batch_sharding)
-        state, metrics = compiled[collect](state, batch)
+        state, metrics = compiled.train_step(collect)(state, batch)
         if pending is not None:  # read the previous step while this one runs
           process(*pending)
         pending = (step, metrics)
         bar.update(1)
-        if config.tvr.enabled and step % config.tvr.every == 0:
+        if tvr is not None and due(step, run.tvr.every):
           params, report = tvr(state["params"])
           state = {**state, "params": params}
           writer.metrics(step, {"rescaled": sum(int(np.sum(r)) for r in report["rescaled"].values())},
                          prefix="tvr")
-        save_now = (step == total or bool(preempted)
-                    or bool(config.ckpt.every and step % config.ckpt.every == 0))
-        eval_now = step == total or bool(config.train.eval_every and step % config.train.eval_every == 0)
+        save_now = bool(preempted) or due(step, config.ckpt.every, last=total)
+        eval_now = due(step, config.train.eval_every, last=total)
         if save_now or eval_now:
           process(*pending)  # a checkpoint or evaluation only follows a step whose loss was checked
           pending = None
           if save_now:
             save(step, force=bool(preempted))
           if eval_now:
-            last["eval"] = evaluate(compiled["eval"], state, val_data, config.train.eval_steps,
+            last["eval"] = evaluate(compiled.eval, state, val_data, config.train.eval_steps,
                                     batch_sharding)
             writer.metrics(step, last["eval"], prefix="eval")
         if preempted:
           bar.write(f"SIGTERM: checkpoint saved at step {step} in {ckpt_dir}; exiting")
           break
       if start >= total:  # resumed a finished run: report its evaluation again
-        last["eval"] = evaluate(compiled["eval"], state, val_data, config.train.eval_steps, batch_sharding)
+        last["eval"] = evaluate(compiled.eval, state, val_data, config.train.eval_steps, batch_sharding)
   finally:
     signal.signal(signal.SIGTERM, previous_handler)
     bar.close()
@@ -182,7 +186,7 @@ def evaluate(eval_step: Any, state: dict[str, Any], val_data: Any, num_batches: 
   return {key: float(np.mean([r[key] for r in results])) for key in results[0]} if results else {}
 
 
-def _describe(workdir: pathlib.Path, model_cfg: Any, info: dict[str, Any], sizes: dict[str, int],
+def _describe(workdir: pathlib.Path, run: config_lib.Validated, info: dict[str, Any],
               specs: dict[str, Any], decay: Any, start: int) -> None:
   """Startup log: data, model, mesh, the weight-decay mask and the parameter partition specs."""
   flat_decay = {"/".join(map(str, k)): bool(v) for k, v in _flatten(decay)}
@@ -192,9 +196,10 @@ def _describe(workdir: pathlib.Path, model_cfg: Any, info: dict[str, Any], sizes
   (workdir / "partition_specs.json").write_text(json.dumps(flat_specs, indent=1) + "\n")
   excluded = sorted(k for k, v in flat_decay.items() if not v)
   print(f"data: {info['source']} ({info['num_examples']})")
-  print(f"model: {model_cfg.name} L={model_cfg.num_layers} d={model_cfg.d_model} norm={model_cfg.norm.kind} "
-        f"placement={model_cfg.placement.kind} init={model_cfg.init.scheme} dtype={model_cfg.dtype}")
-  print(f"mesh: {sizes}; weight decay on {len(flat_decay) - len(excluded)} tensors, not on "
+  m = run.model
+  print(f"model: {m.name} L={m.num_layers} d={m.d_model} norm={m.norm.kind} "
+        f"placement={m.placement.kind} init={m.init.scheme} dtype={m.dtype}")
+  print(f"mesh: {run.mesh}; weight decay on {len(flat_decay) - len(excluded)} tensors, not on "
         f"{len(excluded)} (norm parameters and biases; see weight_decay_mask.json)")
   if start:
     print(f"resuming from step {start}")

@@ -15,11 +15,11 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from normjax.config import MESH_AXES
+from normjax.axes import BATCH_AXES, MESH_AXES
 
 # logical axis -> mesh axis (or a tuple of mesh axes, or None)
 RULES: Mapping[str, Any] = {
-    "batch": ("data", "fsdp"),
+    "batch": BATCH_AXES,
     "embed": "fsdp",
     "mlp": "tensor",
     "heads": "tensor",

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-import jax
 import ml_collections as mlc
 import optax
+from flax import nnx
 
-from normjax.treeutil import path_names
+from normjax.params import Bias, NormParam, map_variables
 
 
 def schedule(config: mlc.ConfigDict) -> optax.Schedule:
@@ -17,20 +17,20 @@ def schedule(config: mlc.ConfigDict) -> optax.Schedule:
                                             o.lr * o.min_lr_ratio)
 
 
-def decay_mask(params: Any, config: mlc.ConfigDict) -> Any:
-  """True where weight decay applies: dense kernels and embeddings; norm parameters and biases only
-  with ``optim.decay_norms_and_biases`` (the anchors disagree, so it is a field and it is logged)."""
-  def decayed(path, _):
-    names = path_names(path)
-    is_norm = any("norm" in name for name in names) or names[-1] in ("bias", "alpha", "gamma", "v")
-    return config.optim.decay_norms_and_biases or not is_norm
-  return jax.tree_util.tree_map_with_path(decayed, params)
+def decay_mask(params: nnx.State, decay_norms_and_biases: bool) -> dict[str, Any]:
+  """True where weight decay applies, by parameter type (``normjax.params``): dense kernels and
+  embeddings always; norm parameters and biases only with ``decay_norms_and_biases`` (the anchors
+  disagree, so it is a field and the mask is written to the workdir). A plain dict like the params."""
+  mask = map_variables(lambda _, var: decay_norms_and_biases or not isinstance(var, (NormParam, Bias)),
+                       params)
+  return nnx.to_pure_dict(mask)
 
 
-def make_optimizer(params: Any, config: mlc.ConfigDict) -> tuple[optax.GradientTransformation, Any]:
-  """Returns the optimizer and its weight-decay mask (same tree as ``params``)."""
+def make_optimizer(params: nnx.State, config: mlc.ConfigDict
+                   ) -> tuple[optax.GradientTransformation, dict[str, Any]]:
+  """The optimizer of the plain-dict params of ``params`` and its weight-decay mask."""
   o = config.optim
-  mask = decay_mask(params, config)
+  mask = decay_mask(params, o.decay_norms_and_biases)
   chain = [optax.clip_by_global_norm(o.clip_norm)] if o.clip_norm else []
   chain.append(optax.adamw(schedule(config), b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
                            mask=mask))

@@ -2,21 +2,23 @@
 
 The train state is ``{"step", "params", "norm_state", "opt_state"}`` with params and norm state as
 plain nested dicts (what orbax saves and what the sharding rules place); ``Codec`` turns them back
-into the model's ``nnx.State`` inside the step. ``train_step`` is compiled twice: without and with
-per-depth statistics (the static ``collect_stats``), so ordinary steps pay nothing for them.
+into the model's ``nnx.State`` (with its Variable types, which say what each parameter is) inside
+the step. ``train_step`` is compiled twice: without and with per-depth statistics (the static
+``collect_stats``), so ordinary steps pay nothing for them (``Compiled``).
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from normjax import norms, stats
+from normjax import norms, stats, variance
 from normjax.treeutil import path_names
 
 Array = jax.Array
@@ -86,10 +88,16 @@ class Steps:
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
                "lr": self.lr_schedule(state["step"]), **extra}
     if collect_stats:
-      metrics["stats"] = depth_statistics(depth_stats, grads, state["params"])
+      metrics["stats"] = depth_statistics(depth_stats, self.params_codec.from_pure(grads),
+                                          self.params_codec.from_pure(state["params"]))
     new_state = {"step": state["step"] + 1, "params": params, "norm_state": new_rest,
                  "opt_state": opt_state}
     return new_state, metrics
+
+  def tvr(self, params: dict[str, Any], config: variance.TVRConfig) -> tuple[dict[str, Any], Any]:
+    """``variance.tvr_rescale`` of the plain-dict params (typed on the way in, plain on the way out)."""
+    new, report = variance.tvr_rescale(self.params_codec.from_pure(params), config)
+    return self.params_codec.to_pure(new), report
 
   def eval_step(self, state: dict[str, Any], batch: dict[str, Array]) -> dict[str, Array]:
     logits, _ = self.model(state["params"], state["norm_state"])(batch["inputs"])
@@ -97,8 +105,10 @@ class Steps:
     return {"loss": loss, **extra}
 
 
-def depth_statistics(depth_stats: dict[str, Array], grads: Any, params: Any) -> dict[str, Array]:
-  """The forward's per-layer statistics plus M3 (gradient norms), M7 (weight std) and M4 (angular)."""
+def depth_statistics(depth_stats: dict[str, Array], grads: nnx.State, params: nnx.State
+                     ) -> dict[str, Array]:
+  """The forward's per-layer statistics plus per-layer gradient norms, weight std and the angular
+  distance matrix (``docs/statistics.md``)."""
   out = {key: value for key, value in depth_stats.items() if key != "hidden"}
   out["grad_norm"] = stats.layer_grad_norms(grads)
   for path, value in stats.layer_weight_std(params).items():
@@ -107,12 +117,21 @@ def depth_statistics(depth_stats: dict[str, Array], grads: Any, params: Any) -> 
   return out
 
 
-def jit_steps(steps: Steps, state_shardings: Any, batch_sharding: Any) -> dict[str, Any]:
+class Compiled(NamedTuple):
+  """The jitted steps: plain train step, train step with statistics, eval step."""
+  train: Callable[..., Any]
+  train_with_stats: Callable[..., Any]
+  eval: Callable[..., Any]
+
+  def train_step(self, collect_stats: bool) -> Callable[..., Any]:
+    return self.train_with_stats if collect_stats else self.train
+
+
+def jit_steps(steps: Steps, state_shardings: Any, batch_sharding: Any) -> Compiled:
   """The two compiled train steps (plain / with statistics) and the eval step."""
-  compiled = {}
-  for collect in (False, True):
-    compiled[collect] = jax.jit(functools.partial(steps.train_step, collect_stats=collect),
-                                in_shardings=(state_shardings, batch_sharding),
-                                out_shardings=(state_shardings, None), donate_argnums=0)
-  compiled["eval"] = jax.jit(steps.eval_step, in_shardings=(state_shardings, batch_sharding))
-  return compiled
+  def train(collect):
+    return jax.jit(functools.partial(steps.train_step, collect_stats=collect),
+                   in_shardings=(state_shardings, batch_sharding),
+                   out_shardings=(state_shardings, None), donate_argnums=0)
+  return Compiled(train(False), train(True),
+                  jax.jit(steps.eval_step, in_shardings=(state_shardings, batch_sharding)))

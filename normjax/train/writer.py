@@ -3,13 +3,14 @@
   config.json            the full config
   metrics.jsonl          one row per log step: step, loss, lr, grad_norm, throughput; eval rows too
   stats.jsonl            one row per statistics step: every per-depth statistic as a list
-  stats/<name>.npy       the same, stacked: [logged steps, L] (or [logged steps, L+1, L+1])
-  stats/steps.npy        the step of each row
+  stats/<step>.npz       the same row as arrays, one file per statistics step (``read_stats``
+                         stacks them: ``[logged steps, L]``, ``[logged steps, L+1, L+1]``, ...)
   tb/                    TensorBoard events (scalars, and per-layer statistics as stats/<name>/layer_NNN)
 
-Rows are appended and flushed at once; the .npy files are rewritten atomically (write, then rename),
-so a crash or kill never leaves a torn file. On resume, rows past the restored step (from the lost
-part of the previous run) are dropped first: the resumed run writes them again, identically.
+Rows are appended and flushed at once; each statistics file is written once, atomically (write,
+then rename), so the cost of a statistics step does not grow with the run and a crash or kill never
+leaves a torn file. On resume, rows and files past the restored step (from the lost part of the
+previous run) are dropped first: the resumed run writes them again, identically.
 """
 
 from __future__ import annotations
@@ -28,11 +29,39 @@ def _jsonable(value: Any) -> Any:
   return array.item() if array.ndim == 0 else array.tolist()
 
 
-def _atomic_save(path: pathlib.Path, array: np.ndarray) -> None:
+STATS_DIR = "stats"
+
+
+def _shard(stats_dir: pathlib.Path, step: int) -> pathlib.Path:
+  return stats_dir / f"{step:09d}.npz"
+
+
+def _shard_step(path: pathlib.Path) -> int | None:
+  return int(path.stem) if path.suffix == ".npz" and path.stem.isdigit() else None
+
+
+def _atomic_savez(path: pathlib.Path, arrays: dict[str, np.ndarray]) -> None:
   tmp = path.with_name(path.name + ".tmp")
   with open(tmp, "wb") as f:
-    np.save(f, array)
+    np.savez(f, **arrays)
   os.replace(tmp, path)
+
+
+def read_stats(workdir: str | os.PathLike) -> dict[str, np.ndarray]:
+  """Every per-depth statistic of a run, stacked over statistics steps: ``{"steps": [S],
+  "mlp/resid_var": [S, L], "angular_distance": [S, L+1, L+1], ...}`` ({} before the first row)."""
+  stats_dir = pathlib.Path(workdir) / STATS_DIR
+  shards = sorted((step, path) for path in stats_dir.glob("*.npz")
+                  if (step := _shard_step(path)) is not None) if stats_dir.is_dir() else []
+  if not shards:
+    return {}
+  rows = []
+  for _, path in shards:
+    with np.load(path) as f:
+      rows.append({key.replace(".", "/"): f[key] for key in f.files})
+  out = {"steps": np.asarray([step for step, _ in shards])}
+  out.update({key: np.stack([row[key] for row in rows]) for key in rows[-1]})
+  return out
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
@@ -57,14 +86,18 @@ def _truncate_jsonl(path: pathlib.Path, last_step: int) -> list[dict[str, Any]]:
 class Writer:
   def __init__(self, workdir: str | os.PathLike, resume_step: int):
     self.workdir = pathlib.Path(workdir)
-    self.stats_dir = self.workdir / "stats"
+    self.stats_dir = self.workdir / STATS_DIR
     self.stats_dir.mkdir(parents=True, exist_ok=True)
     self.metrics_path = self.workdir / "metrics.jsonl"
     self.stats_path = self.workdir / "stats.jsonl"
     _truncate_jsonl(self.metrics_path, resume_step)
-    self.stats_rows = _truncate_jsonl(self.stats_path, resume_step)
+    kept = _truncate_jsonl(self.stats_path, resume_step)
+    for path in self.stats_dir.iterdir():
+      step = _shard_step(path)
+      if (step is not None and step > resume_step) or path.name.endswith(".tmp"):
+        path.unlink()
     self.tb = SummaryWriter(str(self.workdir / "tb"))
-    self.last_stats_step: int | None = self.stats_rows[-1]["step"] if self.stats_rows else None
+    self.last_stats_step: int | None = kept[-1]["step"] if kept else None
 
   def write_config(self, config: Any) -> None:
     (self.workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
@@ -82,12 +115,10 @@ class Writer:
     row = {"step": step, **{k: _jsonable(v) for k, v in values.items()}}
     with open(self.stats_path, "a") as f:
       f.write(json.dumps(row) + "\n")
-    self.stats_rows.append(row)
     self.last_stats_step = step
-    _atomic_save(self.stats_dir / "steps.npy", np.asarray([r["step"] for r in self.stats_rows]))
+    _atomic_savez(_shard(self.stats_dir, step),
+                  {key.replace("/", "."): np.asarray(value, np.float32) for key, value in values.items()})
     for key in values:
-      stacked = np.asarray([r[key] for r in self.stats_rows], np.float32)
-      _atomic_save(self.stats_dir / (key.replace("/", ".") + ".npy"), stacked)
       per_layer = np.asarray(values[key])
       if per_layer.ndim == 1:
         for layer, value in enumerate(per_layer):
