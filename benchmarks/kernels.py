@@ -178,8 +178,9 @@ def stepper(step, state, batch):
 def end_to_end(args, dtype) -> None:
   """Plain train step of ``--e2e-config`` with ``model.norm.impl`` = xla vs pallas, built as in
   ``benchmarks.train_step`` (imported here, not at the top: it defines absl flags)."""
-  from benchmarks.train_step import sharded_setup, synthetic_data
+  from benchmarks.train_step import synthetic_batch, synthetic_data
   from normjax import config as config_lib
+  from normjax.train.loop import build_sharded
 
   print(f"\nend to end: {args.e2e_config}, dtype {dtype.name}, plain train step (model.norm.impl)")
   steppers, labels = [], []
@@ -191,8 +192,9 @@ def end_to_end(args, dtype) -> None:
     except ValueError as e:
       print(f"  skipped impl={impl}: {e}")
       continue
-    state, batch, compiled = sharded_setup(config, model_cfg, sizes)
-    steppers.append(stepper(compiled.train, state, batch))
+    sharded = build_sharded(config, model_cfg, sizes)
+    batch = jax.device_put(synthetic_batch(config, model_cfg), sharded.batch_sharding)
+    steppers.append(stepper(sharded.compiled.train, sharded.state, batch))
     labels.append(impl)
   if not steppers:
     return

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any
 
 import jax
 import numpy as np
@@ -23,9 +22,7 @@ from ml_collections import config_flags
 
 from normjax import config as config_lib
 from normjax import data
-from normjax.train import mesh as mesh_lib
-from normjax.train.loop import build_steps, state_specs
-from normjax.train.step import jit_steps
+from normjax.train.loop import build_sharded
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "config file", lock_config=True)
 _STEPS = flags.DEFINE_integer("steps", 20, "timed steps per variant (after one warm-up step)")
@@ -52,23 +49,14 @@ def synthetic_data(config) -> data.DataConfig:
   return data.DataConfig("synthetic", "", 0, "image", image_shape=(32, 32, 3), num_classes=10)
 
 
-def sharded_setup(config, model_cfg, sizes: dict[str, int]) -> tuple[dict[str, Any], dict[str, Any], Any]:
-  """The sharded initial train state, a synthetic batch and the compiled steps, as ``train`` builds them."""
-  mesh = mesh_lib.make_mesh(sizes, jax.devices()[:math.prod(sizes.values())])
-  model, steps, _ = build_steps(config, model_cfg)
-  state = steps.init_state(model)
-  shardings = mesh_lib.shardings(state_specs(steps, model, state, mesh), mesh)
-  batch = jax.device_put(synthetic_batch(config, model_cfg), mesh_lib.batch_sharding(mesh))
-  return (jax.device_put(state, shardings), batch,
-          jit_steps(steps, shardings, mesh_lib.batch_sharding(mesh)))
-
-
 def main(argv) -> None:
   del argv
   config = _CONFIG.value
   sizes = config_lib.validate(config, jax.device_count()).mesh
   model_cfg = config_lib.model_config(config, synthetic_data(config))
-  state, batch, compiled = sharded_setup(config, model_cfg, sizes)
+  sharded = build_sharded(config, model_cfg, sizes)
+  state, compiled = sharded.state, sharded.compiled
+  batch = jax.device_put(synthetic_batch(config, model_cfg), sharded.batch_sharding)
   num_params = sum(x.size for x in jax.tree.leaves(state["params"]))
   tokens = config.train.batch_size * (config.data.seq_len if model_cfg.name == "llama" else 1)
   seq = config.data.seq_len if model_cfg.name == "llama" else (model_cfg.image_size // model_cfg.patch_size) ** 2

@@ -38,7 +38,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   c.seed = 0  # parameter init seed
   c.model = mlc.ConfigDict(dict(
       name="vit",  # model family
-      num_layers=arg.depth or v["num_layers"],  # blocks L
+      num_layers=v["num_layers"] if arg.depth is None else arg.depth,  # blocks L
       d_model=v["d_model"],  # residual width
       num_heads=v["num_heads"],  # attention heads
       mlp_dim=common.placeholder(int),  # GELU hidden width (None = 4d)
@@ -70,7 +70,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
       shuffle_seed=0,  # data order; batch(step) depends only on this and the step
   ))
   c.train = mlc.ConfigDict(dict(
-      steps=arg.steps or v["steps"],  # optimizer steps
+      steps=v["steps"] if arg.steps is None else arg.steps,  # optimizer steps
       batch_size=v["batch_size"],  # global batch (split over the data and fsdp mesh axes)
       log_every=10,  # steps between metrics.jsonl rows
       eval_every=100,  # steps between validation passes (and one at the end; 0 = only at the end)

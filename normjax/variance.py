@@ -21,7 +21,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-
 from flax import nnx
 
 from normjax.params import Bias, Kernel, map_variables, per_layer

@@ -1,13 +1,28 @@
-"""Test setup: 8 fake CPU devices (set before JAX initializes) and shared fixtures."""
+"""Test setup: 8 fake CPU devices and a per-run JAX compilation cache (both set before JAX
+initializes), and shared fixtures."""
 
 import os
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# Many tests (and the training subprocesses they start) compile the same tiny programs: one
+# persistent cache per test run lets every repeat skip XLA compilation. The controller (or a plain
+# run) creates it; xdist workers and subprocesses inherit it through the environment.
+if "PYTEST_XDIST_WORKER" not in os.environ and "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _RUN_CACHE = tempfile.mkdtemp(prefix="normjax-jax-cache-")
+  os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.2"  # train steps, not tiny ops
+  os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 
-import fcntl  # noqa: E402  (after XLA_FLAGS, which must be set before JAX loads)
+import fcntl  # noqa: E402  (after the environment above, which must be set before JAX loads)
 import pathlib  # noqa: E402
+import shutil  # noqa: E402
 
 import pytest  # noqa: E402
+
+
+def pytest_unconfigure(config):
+  if "_RUN_CACHE" in globals():
+    shutil.rmtree(_RUN_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

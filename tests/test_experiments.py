@@ -84,6 +84,7 @@ def test_depth_analysis_cli_skips_unfinished_diverged_and_analyzed_runs(tmp_path
                                       "diverged: diverged, skipped", "unfinished: not finished, skipped"]
 
 
+@pytest.mark.xdist_group("tiny_sweep")  # with the sweep\'s builder (conftest)
 def test_summary_of_the_tiny_sweep_matches_the_run_files(tiny_sweep):
   rows = summary.summarize(tiny_sweep)
   assert [(r["model"], r["placement"], r["depth"]) for r in rows] == EXPECTED
@@ -104,6 +105,7 @@ def test_summary_of_the_tiny_sweep_matches_the_run_files(tiny_sweep):
     assert math.isfinite(row["eval_accuracy"]) == (row["model"] == "vit")
 
 
+@pytest.mark.xdist_group("tiny_sweep")  # with the sweep\'s builder (conftest)
 def test_summary_files_and_cli(tiny_sweep):
   rows = summary.summarize(tiny_sweep)
   csv_path, md_path = summary.write(tiny_sweep)
@@ -123,6 +125,7 @@ def test_summary_files_and_cli(tiny_sweep):
   assert done.stdout.splitlines() == lines
 
 
+@pytest.mark.xdist_group("tiny_sweep")  # with the sweep\'s builder (conftest)
 def test_depth_analysis_of_a_two_layer_run(tiny_sweep, tmp_path):
   name = "llama_pre_L02"
   workdir = shutil.copytree(tiny_sweep / name, tmp_path / name)  # the shared sweep stays untouched

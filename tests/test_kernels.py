@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from grid import pairwise, params
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -106,18 +107,27 @@ def _compare(kind, shape, dtype, *, use_scale=True, use_bias=True, use_residual=
       _close_reduced(name, got, want, dtype, same)
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
-@pytest.mark.parametrize("kind", KINDS)
+FEATURE_GRID = list(itertools.product(KINDS, SHAPES, (jnp.float32, jnp.bfloat16)))
+
+
+def _id(value):
+  if isinstance(value, tuple):
+    return "x".join(map(str, value))
+  return {jnp.float32: "f32", jnp.bfloat16: "bf16"}.get(value, str(value))
+
+
+@pytest.mark.parametrize("kind,shape,dtype", params(FEATURE_GRID, pairwise(FEATURE_GRID), _id))
 def test_every_feature_matches_reference(kind, shape, dtype):
   _compare(kind, shape, dtype, offset=0.5)
 
 
 COMBOS = [c for c in itertools.product([False, True], repeat=5) if not (c[3] and not c[0])]
+OPTION_GRID = [(kind,) + combo for kind in KINDS for combo in COMBOS]
+OPTION_PAIRWISE = [(kind,) + combo for kind in KINDS for combo in pairwise(COMBOS)]  # per kind
 
 
-@pytest.mark.parametrize("use_scale,use_bias,use_residual,use_offset,use_out_scale", COMBOS)
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind,use_scale,use_bias,use_residual,use_offset,use_out_scale",
+                         params(OPTION_GRID, OPTION_PAIRWISE))
 def test_option_combinations(kind, use_scale, use_bias, use_residual, use_offset, use_out_scale):
   _compare(kind, (7, 100), jnp.float32, use_scale=use_scale, use_bias=use_bias,
            use_residual=use_residual, offset=1.0 if use_offset else 0.0,

@@ -1,5 +1,8 @@
 """LLaMA and ViT: every placement x a representative set of norms (forward, gradient, scan == unrolled,
-statistics), stateful and weight-space kinds, dtypes, remat and parameter metadata."""
+statistics), stateful and weight-space kinds, dtypes, remat and parameter metadata.
+
+The placement x norm x model grid runs pairwise in CI (every placement with rms_norm and every norm
+with pre, in both models, plus the combinations with their own code path); the rest is ``slow``."""
 
 from __future__ import annotations
 
@@ -8,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from grid import params
 
 from normjax import placements
 from normjax.models import InitConfig, ModelConfig, NormConfig, PlacementConfig, build
@@ -15,6 +19,13 @@ from normjax.nn.nnx import NormState
 
 PLACEMENTS = placements.names()
 REPRESENTATIVE_NORMS = ["layer_norm", "rms_norm", "dyt"]
+MODEL_GRID = [(name, placement, norm) for name in ("llama", "vit") for placement in PLACEMENTS
+              for norm in REPRESENTATIVE_NORMS]
+MODEL_FAST = ([(name, placement, "rms_norm") for name in ("llama", "vit") for placement in PLACEMENTS]
+              + [(name, "pre", norm) for name in ("llama", "vit") for norm in ("layer_norm", "dyt")]
+              # their own code: LNS's out_scale folded into a biased LayerNorm, and multiplied after
+              # a kind without out_scale (dyt); Mix-LN's traced switch with a biased norm
+              + [("llama", "lns", "layer_norm"), ("vit", "lns", "dyt"), ("vit", "mix", "layer_norm")])
 
 
 def small(name: str, placement: str = "pre", norm: str | NormConfig = "rms_norm", **changes) -> ModelConfig:
@@ -42,9 +53,7 @@ def loss_and_grads(model, x, *, train=False, collect_stats=True):
   return loss, logits, stats, grads
 
 
-@pytest.mark.parametrize("norm", REPRESENTATIVE_NORMS)
-@pytest.mark.parametrize("placement", PLACEMENTS)
-@pytest.mark.parametrize("name", ["llama", "vit"])
+@pytest.mark.parametrize("name,placement,norm", params(MODEL_GRID, MODEL_FAST))
 def test_every_placement_forward_gradient_scan_and_stats(name, placement, norm):
   cfg = small(name, placement, norm)
   x = inputs(name)

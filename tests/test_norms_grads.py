@@ -24,7 +24,7 @@ def rand(rng, *shape, loc=0.0, scale=1.0):
 
 
 def grad_check(fn, args):
-  check_grads(fn, args, order=2, modes=("fwd", "rev"), atol=1e-6, rtol=1e-6, eps=1e-5)
+  check_grads(jax.jit(fn), args, order=2, modes=("fwd", "rev"), atol=1e-6, rtol=1e-6, eps=1e-5)
 
 
 def affine_params(rng, n):

@@ -68,12 +68,14 @@ def test_kernel_runs_this_interpreter(kernel_specs, monkeypatch, tmp_path):
   assert nb.cells[0].outputs[0]["text"].strip() == sys.executable
 
 
+@pytest.mark.xdist_group("tiny_sweep")  # with the sweep\'s builder (conftest)
 def test_variance_growth(tiny_sweep, kernel_specs, monkeypatch):
   execute("variance_growth.ipynb", kernel_specs, monkeypatch, NORMJAX_SWEEP=str(tiny_sweep))
   assert_pngs(tiny_sweep / f"variance_growth_{v}.png"
               for v in ("resid_heatmap", "resid_profile", "grad_heatmap", "grad_profile"))
 
 
+@pytest.mark.xdist_group("tiny_sweep")  # with the sweep\'s builder (conftest)
 def test_placement_comparison(tiny_sweep, kernel_specs, monkeypatch):
   nb = execute("placement_comparison.ipynb", kernel_specs, monkeypatch, NORMJAX_SWEEP=str(tiny_sweep))
   assert_pngs([tiny_sweep / "placement_loss_curves.png", tiny_sweep / "placement_angular_distance_llama.png",

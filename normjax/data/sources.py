@@ -112,7 +112,7 @@ def validate(cfg: Any) -> DataConfig:
   seed = cfg.shuffle_seed
   if not isinstance(seed, int) or seed < 0:
     raise ConfigError(f"data.shuffle_seed={seed!r} must be an int >= 0")
-  text_dir = cfg.get("text_dir") or None
+  text_dir = cfg.get("text_dir", "")
   if name == "text_files":
     _check_text_dir(text_dir)
   if name == "fashion_mnist_deb" and corpus.fashion_mnist_files() is None and not glob.glob(
@@ -121,7 +121,7 @@ def validate(cfg: Any) -> DataConfig:
     raise ConfigError(f"data.name={cfg.name!r} needs the Debian package {package} (apt-get install "
                       f"{package}), which is not installed; use {AUTO_IMAGES!r} to fall back to "
                       "'sklearn_digits'")
-  common = dict(name=name, data_dir=root, shuffle_seed=seed, text_dir=text_dir)
+  common = dict(name=name, data_dir=root, shuffle_seed=seed, text_dir=text_dir or None)
   if name in TEXT_DATASETS:
     return DataConfig(kind="text", seq_len=_check_seq_len(cfg.get("seq_len"), corpus.CHUNK_LEN),
                       vocab_size=VOCAB_SIZE, **common)

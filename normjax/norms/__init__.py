@@ -5,9 +5,9 @@ inputs), eps inside the square root, results in the input dtype. ``get(name)`` /
 the registry used by the Flax wrappers (``normjax.nn``) and by model configs.
 """
 
+from normjax.norms import kinds  # noqa: F401  (registers the built-in kinds)
 from normjax.norms.batch import batch_channel_norm, batch_norm, evonorm_b0, evonorm_s0
 from normjax.norms.power import power_norm, power_norm_init_state, power_norm_update_nu
-from normjax.norms import kinds  # noqa: F401  (registers the built-in kinds)
 from normjax.norms.registry import NormSpec, Options, aliases, get, logical_axes, names, register
 from normjax.norms.standard import (compress, crms_norm, decompress, dyt, fixed_norm, fixed_norm_std,
                                     group_norm, identity, l2_norm, layer_norm, rms_norm)

@@ -30,9 +30,9 @@ import jax.numpy as jnp
 from jax import lax
 
 from normjax.norms._util import Array, affine, expand_param, masked_mean, stat_dtype
-from normjax.validation import check_choice
 from normjax.norms.batch import _feature_mask
 from normjax.treeutil import path_names
+from normjax.validation import check_choice
 
 BACKWARDS = ("paper", "code")
 

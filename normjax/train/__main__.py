@@ -5,8 +5,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from normjax.validation import ConfigError
 from normjax.train.loop import NonFiniteLoss, train
+from normjax.validation import ConfigError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "config file, e.g. configs/llama.py:tiny",
                                           lock_config=True)

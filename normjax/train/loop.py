@@ -14,7 +14,7 @@ import math
 import pathlib
 import signal
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import ml_collections as mlc
@@ -29,7 +29,7 @@ from normjax import config as config_lib
 from normjax import data, models
 from normjax.train import mesh as mesh_lib
 from normjax.train.optim import make_optimizer, schedule
-from normjax.train.step import Steps, jit_steps
+from normjax.train.step import Compiled, Steps, jit_steps
 from normjax.train.writer import Writer
 from normjax.treeutil import path_names
 
@@ -56,6 +56,31 @@ def build_steps(config: mlc.ConfigDict, model_cfg: Any) -> tuple[nnx.Module, Ste
   return model, Steps(model, tx, schedule(config)), decay
 
 
+class Sharded(NamedTuple):
+  """The train state on its mesh and everything compiled for it (``build_sharded``)."""
+  mesh: Any
+  steps: Steps
+  state: dict[str, Any]  # placed by ``state_shardings``
+  specs: dict[str, Any]  # PartitionSpecs of the state
+  state_shardings: Any
+  batch_sharding: Any
+  compiled: Compiled
+  decay: Any  # the weight-decay mask
+
+
+def build_sharded(config: mlc.ConfigDict, model_cfg: Any, sizes: dict[str, int]) -> Sharded:
+  """The initial train state placed on a mesh of ``sizes`` and the compiled steps, as ``train`` and
+  the benchmarks use them."""
+  mesh = mesh_lib.make_mesh(sizes, jax.devices()[:math.prod(sizes.values())])
+  model, steps, decay = build_steps(config, model_cfg)
+  state = steps.init_state(model)
+  specs = state_specs(steps, model, state, mesh)
+  state_shardings = mesh_lib.shardings(specs, mesh)
+  batch_sharding = mesh_lib.batch_sharding(mesh)
+  return Sharded(mesh, steps, jax.device_put(state, state_shardings), specs, state_shardings,
+                 batch_sharding, jit_steps(steps, state_shardings, batch_sharding), decay)
+
+
 def due(step: int, every: int, *, last: int | None = None, first: bool = False) -> bool:
   """Whether a periodic action (log, eval, save, statistics, TVR) runs after ``step`` (1-based):
   at multiples of ``every`` (0 = never), at step ``last`` and, with ``first``, at step 1."""
@@ -75,14 +100,8 @@ def train(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
   items_per_step = batch_size * (run.data.seq_len if run.data.kind == "text" else 1)
   throughput_key = "tokens_per_second" if run.data.kind == "text" else "images_per_second"
   # ---------------------------------------------------------------- model, optimizer, sharding
-  mesh = mesh_lib.make_mesh(run.mesh, jax.devices()[:math.prod(run.mesh.values())])
-  model, steps, decay = build_steps(config, run.model)
-  state = steps.init_state(model)
-  specs = state_specs(steps, model, state, mesh)
-  state_shardings = mesh_lib.shardings(specs, mesh)
-  state = jax.device_put(state, state_shardings)
-  batch_sharding = mesh_lib.batch_sharding(mesh)
-  compiled = jit_steps(steps, state_shardings, batch_sharding)
+  mesh, steps, state, specs, state_shardings, batch_sharding, compiled, decay = build_sharded(
+      config, run.model, run.mesh)
   tvr = None if run.tvr is None else jax.jit(
       lambda p: steps.tvr(p, run.tvr), in_shardings=(state_shardings["params"],),
       out_shardings=(state_shardings["params"], None))
