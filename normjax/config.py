@@ -125,7 +125,11 @@ def model_config(config: mlc.ConfigDict, data_cfg: data.DataConfig) -> ModelConf
   """The ``ModelConfig`` of ``config.model``: the one place None fields that come from the dataset
   (a ViT's image_size, channels, num_classes; patch_size = image_size // 4) are resolved."""
   values = config.model.to_dict()
-  if values.get("name") == "vit" and data_cfg.kind == "image":
+  expected_kind = "image" if values.get("name") == "vit" else "text"
+  if data_cfg.kind != expected_kind:
+    raise ConfigError(f"model.name={values.get('name')!r} needs {expected_kind} data, but "
+                      f"data.name={data_cfg.name!r} gives {data_cfg.kind}")
+  if expected_kind == "image":
     height, _, channels = data_cfg.image_shape
     resolved = {"image_size": height, "channels": channels, "num_classes": data_cfg.num_classes}
     for key, value in resolved.items():
@@ -139,10 +143,6 @@ def model_config(config: mlc.ConfigDict, data_cfg: data.DataConfig) -> ModelConf
 
 
 def _check_against_data(cfg: ModelConfig, d: data.DataConfig) -> None:
-  expected_kind = "text" if cfg.name == "llama" else "image"
-  if d.kind != expected_kind:
-    raise ConfigError(f"model.name={cfg.name!r} needs {expected_kind} data, but data.name={d.name!r} "
-                      f"gives {d.kind}")
   if cfg.name == "llama" and cfg.vocab_size < d.vocab_size:
     raise ConfigError(f"model.vocab_size={cfg.vocab_size} is smaller than the data's {d.vocab_size}")
   if cfg.name == "vit" and (cfg.image_size, cfg.image_size, cfg.channels) != tuple(d.image_shape):

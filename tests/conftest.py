@@ -4,7 +4,10 @@ initializes), and shared fixtures."""
 import os
 import tempfile
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# 8 fake CPU devices; LLVM's optimization off: the suite's programs are tiny, so compiling them
+# dominates and optimizing them buys nothing (subprocess tests run the CLI with the user's flags).
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 "
+                                   "--xla_backend_optimization_level=0")
 # Many tests (and the training subprocesses they start) compile the same tiny programs: one
 # persistent cache per test run lets every repeat skip XLA compilation. The controller (or a plain
 # run) creates it; xdist workers and subprocesses inherit it through the environment.

@@ -245,6 +245,9 @@ def test_non_finite_loss_stops_with_step_checkpoint_and_stats(tmp_path, data_dir
     ({"data.name": "c4_local"}, r"data.name='c4_local'"),
     ({"optim.lr": 0.0}, r"optim.lr=0.0 must be positive"),
     ({"mesh.num_devices": 9}, r"mesh.num_devices=9 but 8 devices are visible"),
+    ({"data.name": "sklearn_digits"}, r"model.name='llama' needs text data, but data.name='sklearn_digits'"),
+    ({"model.mlp_dim": 0}, r"model.mlp_dim=0 must be a positive int \(None = the default\)"),
+    ({"model.norm.options": {"impl": "pallas"}}, r"model.norm.options.impl='pallas' duplicates model.norm.impl"),
 ])
 def test_bad_configs_fail_before_any_jax_work(tmp_path, data_dir, overrides, match):
   config = load_config("configs/llama.py:tiny", {**SMALL_LLAMA, **overrides}, data_dir)

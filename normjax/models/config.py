@@ -157,12 +157,12 @@ def _check(cfg: ModelConfig) -> None:
   check_choice(cfg.pool, "model.pool", POOLS)
   check_choice(cfg.init.scheme, "model.init.scheme", variance.init_schemes())
   for field in ("num_layers", "d_model", "num_heads", "vocab_size", "patch_size", "num_classes",
-                "image_size", "channels"):
-    if getattr(cfg, field) < 1:
-      raise ConfigError(f"model.{field}={getattr(cfg, field)} must be positive")
-  for field in ("num_kv_heads", "mlp_dim"):
-    if getattr(cfg, field) is not None and getattr(cfg, field) < 1:
-      raise ConfigError(f"model.{field}={getattr(cfg, field)} must be positive (None = the default)")
+                "image_size", "channels", "num_kv_heads", "mlp_dim"):
+    value = getattr(cfg, field)
+    optional = field in ("num_kv_heads", "mlp_dim")
+    if (value is not None or not optional) and (not isinstance(value, int) or value < 1):
+      raise ConfigError(f"model.{field}={value!r} must be a positive int"
+                        + (" (None = the default)" if optional else ""))
   if cfg.d_model % cfg.num_heads:
     raise ConfigError(f"model.num_heads={cfg.num_heads} does not divide model.d_model={cfg.d_model}")
   if cfg.num_heads % cfg.kv_heads:
