@@ -1,7 +1,7 @@
 """Shared loading and plotting helpers for the analysis notebooks (import from ``notebooks/``).
 
 A sweep directory holds one training-loop workdir per run (``experiments/sweep.py``); a run here is
-any subdirectory with statistics rows (``stats.jsonl``), finished (``result.json``) or still running. Its model,
+any subdirectory with statistics rows (``stats/``), finished (``result.json``) or still running. Its model,
 placement and depth come from ``result.json``'s tags, or else from the ``<model>_<placement>_L<depth>``
 directory name.
 """
@@ -32,10 +32,12 @@ NAME = re.compile(r"(?P<model>[a-z0-9]+)_(?P<placement>.+)_L(?P<depth>\d+)$")
 
 
 def load_runs(sweep_dir: str | pathlib.Path) -> list[dict[str, Any]]:
-  """``[{name, model, placement, depth, diverged, dir, result}]`` sorted by model, depth, placement."""
+  """``[{name, model, placement, depth, diverged, dir, result, stats}]`` (``stats``: ``read_stats``)
+  sorted by model, depth, placement."""
   runs = []
   for path in sorted(pathlib.Path(sweep_dir).iterdir()):
-    if not read_jsonl(path / "stats.jsonl"):
+    stats = read_stats(path)
+    if not stats:  # no statistics row yet
       continue
     result = json.loads((path / "result.json").read_text()) if (path / "result.json").exists() else {}
     tags = result.get("tags") or {}
@@ -46,7 +48,8 @@ def load_runs(sweep_dir: str | pathlib.Path) -> list[dict[str, Any]]:
     if model is None or placement is None or depth is None:
       continue
     runs.append({"name": path.name, "model": model, "placement": placement, "depth": int(depth),
-                 "diverged": bool(result.get("diverged", False)), "dir": path, "result": result})
+                 "diverged": bool(result.get("diverged", False)), "dir": path, "result": result,
+                 "stats": stats})
   return sorted(runs, key=lambda r: (r["model"], r["depth"], r["placement"]))
 
 
@@ -59,8 +62,6 @@ def color(placement: str) -> str:
 def stat(run: dict[str, Any], name: str) -> np.ndarray:
   """One statistic of a run, stacked over its statistics steps (e.g. ``mlp/resid_var`` [steps, L];
   ``steps`` for the steps)."""
-  if "stats" not in run:
-    run["stats"] = read_stats(run["dir"])
   return run["stats"][name]
 
 
