@@ -211,3 +211,20 @@ def test_zero_mean_writers_make_layer_norm_and_rms_norm_one_function(name):
   assert np.abs(stats_ln["hidden"].mean(-1)).max() < 1e-5  # every residual vector has zero mean
   (_, uncentred_ln, _, _), (_, uncentred_rms, _, _) = results[False]
   assert np.abs(uncentred_ln - uncentred_rms).max() > 1e-3  # the claim needs the centring
+
+
+def test_norm_layer_dispatches_to_the_kernels_only_where_they_apply():
+  """impl='auto' or 'pallas' goes through pallas_kernels (which picks XLA on CPU for 'auto') for the
+  three fused kinds; impl='xla' or a kind without a kernel stays on the registry's XLA reference,
+  and both build the same parameters and logits."""
+  from normjax.models.layers import KernelNorm
+  built = {(norm, impl): build(small("llama", norm=NormConfig(norm, impl=impl)), seed=4)
+           for norm, impl in [("rms_norm", "auto"), ("rms_norm", "xla"), ("layer_norm", "pallas"),
+                              ("dyt", "auto")]}
+  kinds = {key: type(model.final_norm).__name__ for key, model in built.items()}
+  assert kinds == {("rms_norm", "auto"): KernelNorm.__name__, ("rms_norm", "xla"): "Norm",
+                   ("layer_norm", "pallas"): KernelNorm.__name__, ("dyt", "auto"): "Norm"}
+  x = inputs("llama")
+  auto, xla = built["rms_norm", "auto"], built["rms_norm", "xla"]
+  assert jax.tree.structure(nnx.state(auto, nnx.Param)) == jax.tree.structure(nnx.state(xla, nnx.Param))
+  np.testing.assert_allclose(auto(x)[0], xla(x)[0], rtol=1e-6)

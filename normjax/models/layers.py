@@ -188,7 +188,7 @@ def activation_norm(cfg: Any, rngs: nnx.Rngs | None = None) -> Norm | None:
     options["param_dtype"] = cfg.param_dtype  # one home: model.param_dtype (options may not set it)
   if "batch_axes" in spec.defaults:
     options.setdefault("batch_axes", (0, 1))  # group statistics per token, never across positions
-  if cfg.norm.impl != "xla" and spec.name in pallas_kernels.KINDS:
+  if cfg.norm.impl != "xla" and spec.name in pallas_kernels.KINDS:  # a model's norms: the last axis
     return KernelNorm(spec.name, cfg.width, impl=cfg.norm.impl, rngs=rngs, **options)
   if "num_groups" in spec.defaults or spec.name == "evonorm_b0":
     example = jax.ShapeDtypeStruct((1, 1, cfg.width), jnp.float32)
