@@ -3,7 +3,8 @@
 Each run is an ordinary workdir ``<out>/<name>/`` written by ``normjax.train.train``; a finished run
 has ``result.json`` (final losses, wall time, divergence) and is skipped. An interrupted run resumes
 from its last checkpoint, because that is what the training loop does with an existing workdir. A
-run whose loss goes non-finite is recorded as diverged (its metrics and checkpoints stay), not raised.
+run whose loss, gradient or parameters go non-finite is recorded as diverged (its metrics and
+checkpoints stay), not raised.
 """
 
 from __future__ import annotations

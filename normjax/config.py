@@ -9,23 +9,28 @@ Fields a config leaves to "the default" or "from the dataset" hold None (``place
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import importlib.util
+import json
 import math
 import pathlib
+import typing
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import ml_collections as mlc
 from ml_collections.config_dict import FieldReference
 
-from normjax import data, variance
+from normjax import data, norms, variance
 from normjax.axes import MESH_AXES
 from normjax.models import ModelConfig
-from normjax.validation import ConfigError, check_choice, parse_value
+from normjax.train.optim import OptimConfig
+from normjax.validation import ConfigError, check_choice, closest, parse_value
 
-__all__ = ["ConfigError", "Validated", "check_choice", "load", "mesh_shape", "model_config",
-           "parse_arg", "placeholder", "section", "set_field", "validate"]
+__all__ = ["MAY_CHANGE_ON_RESUME", "ConfigError", "Validated", "check_choice", "load", "mesh_shape",
+           "model_config", "parse_arg", "placeholder", "resume_changes", "section", "set_field",
+           "validate"]
 
 
 def placeholder(kind: type, value: Any = None) -> FieldReference:
@@ -51,7 +56,9 @@ def set_field(node: mlc.ConfigDict, field: str, value: Any, name: str) -> None:
   """``node[field] = value``; text is parsed as the field's type (``parse_value``), so "true",
   "1e-3" and "24" from a command line become a bool, a float and an int."""
   if field not in node:
-    raise ConfigError(f"{name} is not a config field; valid fields: {sorted(node.keys())}")
+    close = closest(field, sorted(node.keys()))
+    hint = f" (did you mean {'.'.join([*name.split('.')[:-1], close])}?)" if close else ""
+    raise ConfigError(f"{name} is not a config field{hint}; valid fields: {sorted(node.keys())}")
   kind = node.get_type(field)
   if isinstance(value, str) and kind in (bool, int, float):
     value = parse_value(name, value, kind)
@@ -90,21 +97,62 @@ def load(spec: str, overrides: Mapping[str, Any] | None = None) -> mlc.ConfigDic
   if not file.exists():
     file = pathlib.Path(__file__).resolve().parents[1] / path
   if not file.exists():
-    raise FileNotFoundError(f"config file {path!r} not found (from {spec!r})")
+    raise ConfigError(f"config file {path!r} not found (from {spec!r})")
   module_spec = importlib.util.spec_from_file_location(f"normjax_config_{file.stem}", file)
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
   config = module.get_config(arg or None)
-  for key, value in (overrides or {}).items():
+  items = list((overrides or {}).items())
+  # a kind's options last: their types come from the kind, which an earlier override may change
+  for key, value in sorted(items, key=lambda item: item[0].rsplit(".", 1)[0] in _OPTION_SECTIONS):
     *parents, field = key.split(".")
-    node = config
-    for depth, parent in enumerate(parents):
-      if parent not in node:
-        raise ConfigError(f"{key} is not a config field; fields of "
-                          f"{'.'.join(parents[:depth]) or 'the config'}: {sorted(node.keys())}")
-      node = node[parent]
-    set_field(node, field, value, key)
+    node = _node(config, parents, key)
+    if ".".join(parents) in _OPTION_SECTIONS:
+      value = _OPTION_SECTIONS[".".join(parents)](config, field, value, key)
+      node[field] = value
+    else:
+      set_field(node, field, value, key)
   return config
+
+
+def _node(config: mlc.ConfigDict, parents: list[str], key: str) -> mlc.ConfigDict:
+  """The section holding ``key``; an unknown name is a one-line ConfigError with the closest names."""
+  node = config
+  for depth, parent in enumerate(parents):
+    if not isinstance(node, mlc.ConfigDict) or parent not in node:
+      where = ".".join(parents[:depth])
+      fields = sorted(node.keys()) if isinstance(node, mlc.ConfigDict) else []
+      close = closest(parent, fields)
+      hint = f" (did you mean {'.'.join([*parents[:depth], close])}?)" if close else ""
+      raise ConfigError(f"{key}: {'.'.join(parents[:depth + 1])} is not a config field{hint}; "
+                        f"fields of {where or 'the config'}: {fields}")
+    node = node[parent]
+  return node
+
+
+def _norm_option(config: mlc.ConfigDict, field: str, value: Any, key: str) -> Any:
+  """A value for ``model.norm.options.<field>``, typed by the kind's options record (text from a
+  command line parsed as the field's type; an option the kind lacks names the valid ones)."""
+  kind = config.model.norm.kind
+  options_type = norms.get(kind).options_type
+  valid = {f.name: f for f in dataclasses.fields(options_type)}
+  if field not in valid:
+    close = closest(field, sorted(valid))
+    hint = f" (did you mean {close!r}?)" if close else ""
+    raise ConfigError(f"{key}: norm {kind!r} has no option {field!r}{hint}; valid options: {sorted(valid)}")
+  if not isinstance(value, str):
+    return value
+  kind_of = typing.get_type_hints(options_type).get(field)
+  if kind_of in (bool, int, float, str):
+    return parse_value(key, value, kind_of)
+  try:  # tuples, None, numbers of a union type
+    return ast.literal_eval(value)
+  except (ValueError, SyntaxError):
+    return value
+
+
+# Sections that are open dicts whose fields depend on another field (the norm kind's options).
+_OPTION_SECTIONS = {"model.norm.options": _norm_option}
 
 
 def section(record: Any, **extra: Any) -> mlc.ConfigDict:
@@ -117,6 +165,7 @@ class Validated(NamedTuple):
   """What ``validate`` returns: every section the loop reads, checked and typed."""
   model: ModelConfig
   data: data.DataConfig
+  optim: OptimConfig
   mesh: dict[str, int]  # axis -> size, -1 filled
   tvr: variance.TVRConfig | None  # None when disabled
 
@@ -190,10 +239,10 @@ def validate(config: mlc.ConfigDict, available_devices: int) -> Validated:
     raise ConfigError(f"mesh.num_devices={requested} but {available_devices} devices are visible "
                       "(0 = use all)")
   sizes = mesh_shape(config, requested or available_devices)
-  for field in ("train.steps", "train.batch_size", "train.log_every", "optim.lr", "ckpt.keep"):
+  optim = OptimConfig.from_section(config.optim)
+  for field in ("train.steps", "train.batch_size", "train.log_every", "ckpt.keep"):
     _positive(config, field)
-  for field in ("train.eval_every", "train.eval_steps", "optim.warmup_steps", "optim.clip_norm",
-                "optim.weight_decay", "ckpt.every", "stats.every"):
+  for field in ("train.eval_every", "train.eval_steps", "ckpt.every", "stats.every"):
     _positive(config, field, allow_zero=True)
   if config.optim.warmup_steps > config.train.steps:
     raise ConfigError(f"optim.warmup_steps={config.optim.warmup_steps} exceeds "
@@ -206,4 +255,34 @@ def validate(config: mlc.ConfigDict, available_devices: int) -> Validated:
   if config.tvr.enabled:
     _positive(config, "tvr.every")
     tvr = variance.TVRConfig(**{k: v for k, v in config.tvr.items() if k != "enabled"})
-  return Validated(model, data_cfg, sizes, tvr)
+  return Validated(model, data_cfg, optim, sizes, tvr)
+
+
+# What a resumed run may change: how long it runs, how often it logs, evaluates, saves and records
+# statistics, where the data is cached, and the mesh (orbax reshards the state on restore). Anything
+# else changes what is computed, so resuming with it is refused unless explicitly allowed. A longer
+# train.steps also stretches the cosine schedule of the remaining steps.
+MAY_CHANGE_ON_RESUME = frozenset({
+    "train.steps", "train.log_every", "train.eval_every", "train.eval_steps", "ckpt.every",
+    "ckpt.keep", "stats.every", "data.data_dir", *(f"mesh.{axis}" for axis in MESH_AXES),
+    "mesh.num_devices"})
+
+
+def _flat(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, Mapping) and value:
+      out.update(_flat(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = value
+  return out
+
+
+def resume_changes(saved: Mapping[str, Any], config: mlc.ConfigDict) -> dict[str, tuple[Any, Any]]:
+  """``{field: (saved value, new value)}`` for every field outside ``MAY_CHANGE_ON_RESUME`` that
+  differs between a checkpoint's saved config (its JSON) and ``config``; "<absent>" marks a field
+  only one of them has."""
+  old, new = _flat(saved), _flat(json.loads(config.to_json_best_effort()))
+  absent = "<absent>"
+  return {key: (old.get(key, absent), new.get(key, absent)) for key in sorted(old.keys() | new.keys())
+          if key not in MAY_CHANGE_ON_RESUME and old.get(key, absent) != new.get(key, absent)}

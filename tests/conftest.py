@@ -29,6 +29,12 @@ def pytest_unconfigure(config):
 
 
 @pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> pathlib.Path:
+  """Where the training tests build and cache their datasets (once per worker)."""
+  return tmp_path_factory.mktemp("tfds")
+
+
+@pytest.fixture(scope="session")
 def tiny_sweep(tmp_path_factory) -> pathlib.Path:
   """A finished placement-study sweep at the ``ci`` scale: LLaMA pre/post/lns x 1-2 layers and a
   1-layer ViT, 6 steps each with statistics and checkpoints.

@@ -47,6 +47,14 @@ def test_norms_never_import_the_kernels():
   assert _fresh("import pallas_kernels, normjax.models; print('ok')").strip() == "ok"
 
 
+def test_the_signal_handlers_load_without_jax():
+  """``python -m normjax.train`` installs them first, so no signal during the import of JAX (seconds)
+  goes unanswered; ``normjax.norms`` still loads on first use."""
+  out = _fresh("import sys, normjax.train.signals; print('jax' in sys.modules); import normjax; "
+               "print(normjax.norms.names()[:1])")
+  assert out.split() == ["False", "['batch_channel_norm']"]
+
+
 @pytest.mark.parametrize("option,home", [("impl", "model.norm.impl"), ("param_dtype", "model.param_dtype")])
 def test_a_setting_given_twice_is_an_error_naming_both(option, home):
   with pytest.raises(ConfigError, match=rf"model.norm.options.{option}=.* duplicates {home}"):

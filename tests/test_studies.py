@@ -32,7 +32,7 @@ def test_sweep_skips_finished_runs_and_records_divergence(tmp_path, shared):
                                                      "optim.clip_norm": 0.0, "optim.warmup_steps": 0}))
   first = sweep.run_all(runs, tmp_path, shared)
   assert [r["diverged"] for r in first] == [False, True]
-  assert "non-finite loss" in first[1]["message"]
+  assert "non-finite " in first[1]["message"] and " at step " in first[1]["message"]
   assert np.isfinite(first[0]["train_loss"]) and first[0]["tags"]["placement"] == "pre"
   assert sweep.run_all(runs, tmp_path, shared) == []  # both finished: nothing runs again
   with pytest.raises(ValueError, match="run names repeat"):

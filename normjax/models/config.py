@@ -172,6 +172,7 @@ def _check(cfg: ModelConfig) -> None:
     raise ConfigError(f"model.patch_size={cfg.patch_size} does not divide "
                       f"model.image_size={cfg.image_size}")
   spec = _check_norm(cfg.norm)
+  check_choice(cfg.placement.kind, "model.placement.kind", placements.names())
   placement = placements.get(cfg.placement.kind)
   placement.check(cfg, spec)
   if cfg.name == "llama" and spec.mixes_positions and placement.norm_slots:

@@ -1,5 +1,18 @@
-"""The config-driven, sharded training loop (``python -m normjax.train``)."""
+"""The config-driven, sharded training loop (``python -m normjax.train``).
 
-from normjax.train.loop import NonFiniteLoss, train
+The names below load on first use, so ``python -m normjax.train`` can install its signal handlers
+(``normjax.train.signals``, standard library only) before JAX is imported.
+"""
 
-__all__ = ["NonFiniteLoss", "train"]
+import importlib
+
+_EXPORTS = {"train": "normjax.train.loop", "NonFiniteLoss": "normjax.train.loop",
+            "Interrupted": "normjax.train.signals", "CheckpointError": "normjax.train.checkpoints",
+            "ResumeRefused": "normjax.train.checkpoints", "WorkdirError": "normjax.train.workdir"}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+  if name not in _EXPORTS:
+    raise AttributeError(f"module 'normjax.train' has no attribute {name!r}")
+  return getattr(importlib.import_module(_EXPORTS[name]), name)

@@ -1,31 +1,21 @@
-"""``python -m normjax.train --config=configs/llama.py:tiny --workdir=DIR [--config.train.steps=100 ...]``."""
+"""``python -m normjax.train --config=configs/llama.py:tiny --workdir=DIR [--config.train.steps=100 ...]``
+(flags: ``normjax/train/cli.py``)."""
 
 import sys
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from normjax.train import signals
 
-from normjax.train.loop import NonFiniteLoss, train
-from normjax.validation import ConfigError
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "config file, e.g. configs/llama.py:tiny",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints, metrics and statistics go")
-flags.mark_flags_as_required(["config", "workdir"])
+signals.install()  # before JAX loads: a signal during the start-up still stops with a message
 
 
-def main(argv: list[str]) -> None:
-  del argv
-  logging.set_verbosity(logging.WARNING)  # orbax logs every save step at INFO
+def _main() -> int:
   try:
-    train(_CONFIG.value, _WORKDIR.value)
-  except NonFiniteLoss as error:
+    from normjax.train import cli  # imports JAX
+    return cli.main(sys.argv[1:])
+  except signals.Interrupted as error:
     print(f"stopped: {error}", file=sys.stderr)
-    sys.exit(1)
-  except ConfigError as error:
-    print(f"config error: {error}", file=sys.stderr)
-    sys.exit(2)
+    return error.exit_code
 
 
 if __name__ == "__main__":
-  app.run(main)
+  sys.exit(_main())

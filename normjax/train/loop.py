@@ -2,17 +2,19 @@
 
     python -m normjax.train --config=configs/llama.py:tiny --workdir=runs/llama_tiny
 
-Resumes automatically from the newest checkpoint in the workdir (the data order depends only on
-the step). SIGTERM saves a checkpoint and exits cleanly. A non-finite loss stops the run, naming the
-step, the last good checkpoint and the last statistics row; nothing written before is touched.
+Resumes from the newest checkpoint that restores, if the config is the one it was trained with
+(the data order depends only on the step). The workdir is locked (``workdir.py``); checkpoints are
+saved, checked and restored by ``checkpoints.py``; SIGTERM and SIGINT save and stop
+(``signals.py``); a non-finite loss, gradient norm or parameter stops the run, naming the step, the
+last good checkpoint and the last statistics row. Nothing written before is touched.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import pathlib
-import signal
 import time
 from typing import Any, NamedTuple
 
@@ -20,7 +22,6 @@ import jax
 import ml_collections as mlc
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 import tqdm
 from flax import nnx
 from jax.sharding import PartitionSpec
@@ -28,7 +29,10 @@ from jax.sharding import PartitionSpec
 from normjax import config as config_lib
 from normjax import data, models
 from normjax.train import mesh as mesh_lib
-from normjax.train.optim import make_optimizer, schedule
+from normjax.train import signals
+from normjax.train import workdir as workdir_lib
+from normjax.train.checkpoints import Checkpoints, Restored
+from normjax.train.optim import OptimConfig, make_optimizer, schedule
 from normjax.train.step import Compiled, Steps, jit_steps
 from normjax.train.writer import Writer
 from normjax.treeutil import path_names
@@ -52,8 +56,9 @@ def build_steps(config: mlc.ConfigDict, model_cfg: Any) -> tuple[nnx.Module, Ste
   """The model (seeded by ``config.seed``), its optimizer and ``Steps``, exactly as ``train`` builds
   them (so a restored checkpoint matches); returns (model, steps, weight-decay mask)."""
   model = models.build(model_cfg, seed=config.seed)
-  tx, decay = make_optimizer(nnx.state(model, nnx.Param), config)
-  return model, Steps(model, tx, schedule(config)), decay
+  optim = OptimConfig.from_section(config.optim)
+  tx, decay = make_optimizer(nnx.state(model, nnx.Param), optim, config.train.steps)
+  return model, Steps(model, tx, schedule(optim, config.train.steps)), decay
 
 
 class Sharded(NamedTuple):
@@ -87,114 +92,161 @@ def due(step: int, every: int, *, last: int | None = None, first: bool = False) 
   return bool(every and step % every == 0) or step == last or (first and step == 1)
 
 
-def train(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
-  # ---------------------------------------------------------------- validate once (no JAX work yet)
-  run = config_lib.validate(config, jax.device_count())
-  workdir_path = pathlib.Path(workdir)
-  workdir_path.mkdir(parents=True, exist_ok=True)
-  # ---------------------------------------------------------------- data
-  info = data.info(run.data)
-  batch_size, total = config.train.batch_size, config.train.steps
-  train_data = data.load(run.data, "train", batch_size)
-  val_data = data.load(run.data, "validation", batch_size)
-  items_per_step = batch_size * (run.data.seq_len if run.data.kind == "text" else 1)
-  throughput_key = "tokens_per_second" if run.data.kind == "text" else "images_per_second"
-  # ---------------------------------------------------------------- model, optimizer, sharding
-  mesh, steps, state, specs, state_shardings, batch_sharding, compiled, decay = build_sharded(
-      config, run.model, run.mesh)
-  tvr = None if run.tvr is None else jax.jit(
-      lambda p: steps.tvr(p, run.tvr), in_shardings=(state_shardings["params"],),
-      out_shardings=(state_shardings["params"], None))
-  # ---------------------------------------------------------------- checkpoints and resume
-  ckpt_dir = (workdir_path / "checkpoints").absolute()
-  manager = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(
-      max_to_keep=config.ckpt.keep, create=True, enable_async_checkpointing=True))
-  start = manager.latest_step() or 0
-  if start:
-    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                            state, state_shardings)
-    state = manager.restore(start, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
-  writer = Writer(workdir_path, start)
-  writer.write_config(config)
-  _describe(workdir_path, run, info, specs, decay, start)
-  # ---------------------------------------------------------------- loop
-  preempted = []
-  previous_handler = signal.signal(signal.SIGTERM, lambda *_: preempted.append(True))
-  bar = tqdm.tqdm(total=total, initial=start, desc="train", dynamic_ncols=True)
-  last = {"time": time.perf_counter(), "step": start, "loss": math.nan, "eval": {}}
+def train(config: mlc.ConfigDict, workdir: str, *, allow_config_change: bool = False) -> dict[str, Any]:
+  """Trains (or resumes) the run of ``config`` in ``workdir``; returns the final train loss and
+  evaluation. Raises ``Interrupted`` (after saving) on SIGTERM/SIGINT, ``NonFiniteLoss``,
+  ``CheckpointError``, ``WorkdirError`` and ``ConfigError``/``ResumeRefused``, each with one message.
+  ``allow_config_change`` resumes a checkpoint trained with another config (recorded)."""
+  with signals.handled() as stop:  # first: a signal during the slow start-up gets its message
+    run = config_lib.validate(config, jax.device_count())
+    with workdir_lib.claim(workdir) as wd, contextlib.ExitStack() as cleanup:
+      return _Run(config, run, wd, stop, cleanup, allow_config_change).loop()
 
-  def save(step: int, force: bool = False) -> None:
-    manager.save(step, force=force, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        meta=ocp.args.JsonSave({"step": step, "config": json.loads(config.to_json_best_effort())})))
 
-  def process(step: int, metrics: dict[str, Any]) -> None:
-    host = jax.device_get(metrics)
-    depth_stats = host.pop("stats", None)
-    if depth_stats is not None:
-      writer.stats(step, depth_stats)
-    loss = float(host["loss"])
-    if not math.isfinite(loss):
-      writer.metrics(step, host)
-      manager.wait_until_finished()
-      good = manager.latest_step()
-      raise NonFiniteLoss(
-          f"non-finite loss {loss} at step {step}; last good checkpoint: "
-          f"{f'step {good} in {ckpt_dir}' if good else 'none'}; last statistics: "
-          f"step {writer.last_stats_step} in {writer.stats_path}")
-    last["loss"] = loss
-    bar.set_postfix(loss=f"{loss:.4f}")
-    if due(step, config.train.log_every, last=total):
-      now = time.perf_counter()
-      host[throughput_key] = items_per_step * (step - last["step"]) / (now - last["time"])
-      last["time"], last["step"] = now, step
-      writer.metrics(step, host)
+class _Run:
+  """One training run: start-up (data, model, restore, writer) in ``__init__``, then ``loop``."""
 
-  pending = None
-  try:
+  def __init__(self, config: mlc.ConfigDict, run: config_lib.Validated, wd: workdir_lib.Workdir,
+               stop: signals.StopRequest, cleanup: contextlib.ExitStack, allow_config_change: bool):
+    self.config, self.run, self.wd, self.stop = config, run, wd, stop
+    self.total, batch_size = config.train.steps, config.train.batch_size
+    info = data.info(run.data)
+    self.train_data = data.load(run.data, "train", batch_size)
+    self.val_data = data.load(run.data, "validation", batch_size)
+    self.items_per_step = batch_size * (run.data.seq_len if run.data.kind == "text" else 1)
+    self.throughput_key = "tokens_per_second" if run.data.kind == "text" else "images_per_second"
+    self.sharded = build_sharded(config, run.model, run.mesh)
+    wd.require_free(sum(x.nbytes for x in jax.tree.leaves(self.sharded.state)), "one checkpoint")
+    self.tvr = None if run.tvr is None else jax.jit(
+        lambda p: self.sharded.steps.tvr(p, run.tvr), in_shardings=(self.sharded.state_shardings["params"],),
+        out_shardings=(self.sharded.state_shardings["params"], None))
+    self.ckpts = Checkpoints(wd.path, config.ckpt.keep)
+    cleanup.callback(self.ckpts.close)
+    restored = self.ckpts.restore(_abstract(self.sharded), config, allow_config_change)
+    self.start = restored.step if restored else 0
+    self.state = restored.state if restored else self.sharded.state
+    self.config_json = json.loads(config.to_json_best_effort())
+    self.writer = Writer(wd.path, self.start)
+    cleanup.callback(self.writer.close)
+    self.writer.write_config(config)
+    _describe(wd.path, run, info, self.sharded, self.start)
+    self._report_restore(restored)
+    self.bar = tqdm.tqdm(total=self.total, initial=self.start, desc="train", dynamic_ncols=True)
+    cleanup.callback(self.bar.close)
+    self.last = {"time": time.perf_counter(), "step": self.start, "loss": math.nan, "eval": {}}
+
+  def _report_restore(self, restored: Restored | None) -> None:
+    if self.ckpts.removed_unfinished:
+      print(f"removed the unfinished save(s) of a killed run: {self.ckpts.removed_unfinished}")
+    if restored is None:
+      return
+    for step, why in restored.skipped.items():
+      print(f"skipped checkpoint {step}: {why} (moved to {self.ckpts.skipped_directory / str(step)})")
+    if restored.changes:
+      self.writer.config_change(restored.step, restored.changes)
+      print("resuming with a changed config (allowed; recorded in config_changes.jsonl): " +
+            ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in restored.changes.items()))
+
+  def loop(self) -> dict[str, Any]:
+    config, compiled = self.config, self.sharded.compiled
+    if self.start and due(self.start, config.train.eval_every, last=self.total):
+      self._evaluate(self.start, reuse_row=True)  # a kill may have lost it; a finished run reports it
+    self.wd.started, self.stop.training = True, True
+    pending = None
     # Traced under the mesh: fused norm kernels (not partitionable) run in shard_map over batch axes.
-    with jax.set_mesh(mesh):
-      for index in range(start, total):
+    with jax.set_mesh(self.sharded.mesh):
+      for index in range(self.start, self.total):
         step = index + 1
         collect = due(step, config.stats.every, first=True) if config.stats.every else False
-        batch = jax.device_put(train_data.batch(index), batch_sharding)
-        state, metrics = compiled.train_step(collect)(state, batch)
+        batch = jax.device_put(self.train_data.batch(index), self.sharded.batch_sharding)
+        self.state, metrics = compiled.train_step(collect)(self.state, batch)
         if pending is not None:  # read the previous step while this one runs
-          process(*pending)
+          self._process(*pending)
         pending = (step, metrics)
-        bar.update(1)
-        if tvr is not None and due(step, run.tvr.every):
-          params, report = tvr(state["params"])
-          state = {**state, "params": params}
-          writer.metrics(step, {"rescaled": sum(int(np.sum(r)) for r in report["rescaled"].values())},
-                         prefix="tvr")
-        save_now = bool(preempted) or due(step, config.ckpt.every, last=total)
-        eval_now = due(step, config.train.eval_every, last=total)
+        self.bar.update(1)
+        self.ckpts.poll()
+        if self.tvr is not None and due(step, self.run.tvr.every):
+          params, report = self.tvr(self.state["params"])
+          self.state = {**self.state, "params": params}
+          self.writer.metrics(step, {"rescaled": sum(int(np.sum(r)) for r in report["rescaled"].values())},
+                              prefix="tvr")
+        save_now = bool(self.stop.requested) or due(step, config.ckpt.every, last=self.total)
+        eval_now = due(step, config.train.eval_every, last=self.total)
         if save_now or eval_now:
-          process(*pending)  # a checkpoint or evaluation only follows a step whose loss was checked
+          self._process(*pending)  # a checkpoint or evaluation only follows a step whose loss was checked
           pending = None
+          if eval_now:  # the row first: a checkpoint never exists without its evaluation row
+            self._evaluate(step)
           if save_now:
-            save(step, force=bool(preempted))
-          if eval_now:
-            last["eval"] = evaluate(compiled.eval, state, val_data, config.train.eval_steps,
-                                    batch_sharding)
-            writer.metrics(step, last["eval"], prefix="eval")
-        if preempted:
-          bar.write(f"SIGTERM: checkpoint saved at step {step} in {ckpt_dir}; exiting")
-          break
-      if start >= total:  # resumed a finished run: report its evaluation again
-        last["eval"] = evaluate(compiled.eval, state, val_data, config.train.eval_steps, batch_sharding)
-  finally:
-    signal.signal(signal.SIGTERM, previous_handler)
-    bar.close()
-    manager.wait_until_finished()
-    manager.close()
-    writer.close()
-  parts = [f"train loss {last['loss']:.4f}" if math.isfinite(last["loss"]) else "no new steps"]
-  parts += [f"eval {k} {v:.4f}" for k, v in last["eval"].items()]
-  print(f"done: step {last['step'] if preempted else total}/{total}, {', '.join(parts)}; "
-        f"workdir: {workdir_path.absolute()}")
-  return {"train_loss": last["loss"], **{f"eval_{k}": v for k, v in last["eval"].items()}}
+            self.ckpts.save(step, self.state, self.config_json)
+        if self.stop.requested:
+          self._stop_after(step)
+      if pending is not None:
+        self._process(*pending)
+    self.ckpts.finish()
+    return self._done()
+
+  def _process(self, step: int, metrics: dict[str, Any]) -> None:
+    """Writes step ``step``'s metrics and statistics; stops the run if anything was not finite."""
+    host = jax.device_get(metrics)
+    depth_stats = host.pop("stats", None)
+    params_finite = bool(host.pop("params_finite"))
+    if depth_stats is not None:
+      self.writer.stats(step, depth_stats)
+    loss, grad_norm = float(host["loss"]), float(host["grad_norm"])
+    bad = [f"loss {loss}"] if not math.isfinite(loss) else []
+    bad += [f"gradient norm {grad_norm}"] if not math.isfinite(grad_norm) else []
+    bad += [] if params_finite else ["updated parameters"]
+    if bad:
+      self.writer.metrics(step, host)
+      self._stop_non_finite(step, bad)
+    self.ckpts.checked(step)
+    self.last["loss"] = loss
+    self.bar.set_postfix(loss=f"{loss:.4f}")
+    if due(step, self.config.train.log_every, last=self.total):
+      now = time.perf_counter()
+      host[self.throughput_key] = self.items_per_step * (step - self.last["step"]) / (now - self.last["time"])
+      self.last["time"], self.last["step"] = now, step
+      self.writer.metrics(step, host)
+
+  def _stop_non_finite(self, step: int, bad: list[str]) -> None:
+    removed = self.ckpts.discard(step)
+    good = self.ckpts.latest()
+    note = f"removed checkpoint {removed} (its next step is this one); " if removed else ""
+    raise NonFiniteLoss(
+        f"non-finite {', '.join(bad)} at step {step}; {note}last good checkpoint: "
+        f"{f'step {good} in {self.ckpts.directory}' if good else 'none'}; last statistics: "
+        f"step {self.writer.last_stats_step} in {self.writer.stats_path}")
+
+  def _stop_after(self, step: int) -> None:
+    """A stop was requested: the checkpoint of ``step`` was saved (``loop``); wait for it, raise."""
+    self.ckpts.finish()
+    signum = self.stop.requested
+    message = f"{signals.name(signum)}: checkpoint saved at step {step} in {self.ckpts.directory}; exiting"
+    self.bar.write(message)
+    raise signals.Interrupted(signum, message)
+
+  def _evaluate(self, step: int, reuse_row: bool = False) -> None:
+    row = self.writer.row(step, "eval") if reuse_row else None
+    if row is None:
+      row = evaluate(self.sharded.compiled.eval, self.state, self.val_data, self.config.train.eval_steps,
+                     self.sharded.batch_sharding)
+      self.writer.metrics(step, row, prefix="eval")
+    self.last["eval"] = row
+
+  def _done(self) -> dict[str, Any]:
+    last = self.last
+    parts = [f"train loss {last['loss']:.4f}" if math.isfinite(last["loss"]) else "no new steps"]
+    parts += [f"eval {k} {v:.4f}" for k, v in last["eval"].items()]
+    self.bar.close()
+    print(f"done: step {self.total}/{self.total}, {', '.join(parts)}; workdir: {self.wd.path}")
+    return {"train_loss": last["loss"], **{f"eval_{k}": v for k, v in last["eval"].items()}}
+
+
+def _abstract(sharded: Sharded) -> Any:
+  """The train state as shapes, dtypes and shardings: what a checkpoint restores into."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      sharded.state, sharded.state_shardings)
 
 
 def evaluate(eval_step: Any, state: dict[str, Any], val_data: Any, num_batches: int,
@@ -206,11 +258,11 @@ def evaluate(eval_step: Any, state: dict[str, Any], val_data: Any, num_batches: 
 
 
 def _describe(workdir: pathlib.Path, run: config_lib.Validated, info: dict[str, Any],
-              specs: dict[str, Any], decay: Any, start: int) -> None:
+              sharded: Sharded, start: int) -> None:
   """Startup log: data, model, mesh, the weight-decay mask and the parameter partition specs."""
-  flat_decay = {"/".join(map(str, k)): bool(v) for k, v in _flatten(decay)}
+  flat_decay = {"/".join(map(str, k)): bool(v) for k, v in _flatten(sharded.decay)}
   flat_specs = {"/".join(map(str, k)): str(v) for k, v in _flatten(
-      specs["params"], is_leaf=lambda x: isinstance(x, PartitionSpec))}
+      sharded.specs["params"], is_leaf=lambda x: isinstance(x, PartitionSpec))}
   (workdir / "weight_decay_mask.json").write_text(json.dumps(flat_decay, indent=1) + "\n")
   (workdir / "partition_specs.json").write_text(json.dumps(flat_specs, indent=1) + "\n")
   excluded = sorted(k for k, v in flat_decay.items() if not v)

@@ -85,7 +85,10 @@ class Steps:
     new_rest = norms.power_norm_update_nu(new_rest, rest_grads)
     updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
-    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
+    # the loop stops on a non-finite loss, gradient norm or updated parameter (the state a
+    # checkpoint of this step would hold), so every leaf is checked here, on device
+    params_finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(params)]))
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "params_finite": params_finite,
                "lr": self.lr_schedule(state["step"]), **extra}
     if collect_stats:
       metrics["stats"] = depth_statistics(depth_stats, self.params_codec.from_pure(grads),

@@ -1,6 +1,7 @@
 """Everything the loop writes into the workdir, crash-safe.
 
   config.json            the full config
+  config_changes.jsonl   one row per resume that was allowed to change the config (field: [old, new])
   metrics.jsonl          one row per log step: step, loss, lr, grad_norm, throughput; eval rows too
   stats.jsonl            one row per statistics step: every per-depth statistic as a list
   stats/<step>.npz       the same row as arrays, one file per statistics step (``read_stats``
@@ -10,18 +11,36 @@
 Rows are appended and flushed at once; each statistics file is written once, atomically (write,
 then rename), so the cost of a statistics step does not grow with the run and a crash or kill never
 leaves a torn file. On resume, rows and files past the restored step (from the lost part of the
-previous run) are dropped first: the resumed run writes them again, identically.
+previous run) are dropped first: the resumed run writes them again, identically. A write that fails
+(a full or read-only disk) stops the run with ``WorkdirError`` naming the file and the OS error.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import pathlib
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 from tensorboardX import SummaryWriter
+
+from normjax.train.workdir import WorkdirError
+
+# A diverged run's last row is NaN on purpose; tensorboardX would warn once per value.
+logging.getLogger("tensorboardX.x2num").setLevel(logging.ERROR)
+
+
+@contextlib.contextmanager
+def _writing(path: pathlib.Path) -> Iterator[None]:
+  try:
+    yield
+  except OSError as error:
+    raise WorkdirError(f"cannot write {path}: {error.strerror or error} (errno {error.errno}); "
+                       "training stopped (the last complete checkpoint is intact)") from None
 
 
 def _jsonable(value: Any) -> Any:
@@ -42,9 +61,14 @@ def _shard_step(path: pathlib.Path) -> int | None:
 
 def _atomic_savez(path: pathlib.Path, arrays: dict[str, np.ndarray]) -> None:
   tmp = path.with_name(path.name + ".tmp")
-  with open(tmp, "wb") as f:
+  with _writing(path), open(tmp, "wb") as f:
     np.savez(f, **arrays)
   os.replace(tmp, path)
+
+
+def _append(path: pathlib.Path, row: dict[str, Any]) -> None:
+  with _writing(path), open(path, "a") as f:
+    f.write(json.dumps(row) + "\n")
 
 
 def read_stats(workdir: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -90,7 +114,7 @@ class Writer:
     self.stats_dir.mkdir(parents=True, exist_ok=True)
     self.metrics_path = self.workdir / "metrics.jsonl"
     self.stats_path = self.workdir / "stats.jsonl"
-    _truncate_jsonl(self.metrics_path, resume_step)
+    self._rows = _truncate_jsonl(self.metrics_path, resume_step)  # the kept rows, for ``row``
     kept = _truncate_jsonl(self.stats_path, resume_step)
     for path in self.stats_dir.iterdir():
       step = _shard_step(path)
@@ -100,12 +124,26 @@ class Writer:
     self.last_stats_step: int | None = kept[-1]["step"] if kept else None
 
   def write_config(self, config: Any) -> None:
-    (self.workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+    path = self.workdir / "config.json"
+    with _writing(path):
+      path.write_text(config.to_json_best_effort(indent=2) + "\n")
+
+  def config_change(self, step: int, changes: dict[str, tuple[Any, Any]]) -> None:
+    _append(self.workdir / "config_changes.jsonl",
+            {"step": step, "changes": {field: list(pair) for field, pair in changes.items()}})
+
+  def row(self, step: int, prefix: str) -> dict[str, float] | None:
+    """The ``prefix/...`` values of a metrics row at ``step`` written before this writer started
+    (prefix stripped), or None."""
+    for row in reversed(self._rows):
+      values = {k.split("/", 1)[1]: v for k, v in row.items() if k.startswith(prefix + "/")}
+      if row["step"] == step and values:
+        return values
+    return None
 
   def metrics(self, step: int, values: dict[str, Any], prefix: str = "train") -> None:
     row = {"step": step, **{f"{prefix}/{k}": _jsonable(v) for k, v in values.items()}}
-    with open(self.metrics_path, "a") as f:
-      f.write(json.dumps(row) + "\n")
+    _append(self.metrics_path, row)
     for key, value in row.items():
       if key != "step":
         self.tb.add_scalar(key, value, step)
@@ -113,8 +151,7 @@ class Writer:
 
   def stats(self, step: int, values: dict[str, Any]) -> None:
     row = {"step": step, **{k: _jsonable(v) for k, v in values.items()}}
-    with open(self.stats_path, "a") as f:
-      f.write(json.dumps(row) + "\n")
+    _append(self.stats_path, row)
     self.last_stats_step = step
     _atomic_savez(_shard(self.stats_dir, step),
                   {key.replace("/", "."): np.asarray(value, np.float32) for key, value in values.items()})
