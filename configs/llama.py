@@ -102,7 +102,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   c.tvr = common.section(variance.TVRConfig(), enabled=False)
   c.ckpt = mlc.ConfigDict(dict(
       every=100,  # steps between asynchronous orbax saves (0 = only at the end)
-      keep=3,  # checkpoints kept
+      keep=3,  # good checkpoints kept (their next step was finite), besides the newest
   ))
   c.stats = mlc.ConfigDict(dict(
       every=25,  # steps between per-depth statistics rows (0 = off; costs a second compiled step)
