@@ -7,7 +7,9 @@ by passing ``pltriton.CompilerParams`` explicitly. On CPU the same kernels run i
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+from collections.abc import Iterator
 
 import jax
 import jax.experimental.pallas as pl
@@ -25,14 +27,29 @@ def backend() -> str:
   return jax.default_backend()
 
 
+_lowering_for_gpu = False
+
+
+@contextlib.contextmanager
+def lowering_for_gpu() -> Iterator[None]:
+  """Within: kernels are built for the GPU lowering even on a CPU host (interpret mode off), so that
+  ``pallas_kernels.cuda_lowering`` can lower them for CUDA without a GPU."""
+  global _lowering_for_gpu
+  previous, _lowering_for_gpu = _lowering_for_gpu, True
+  try:
+    yield
+  finally:
+    _lowering_for_gpu = previous
+
+
 def interpret() -> bool:
   """Interpret mode is the only way to run a Pallas kernel on CPU (and the way CI tests them)."""
-  return backend() == "cpu"
+  return backend() == "cpu" and not _lowering_for_gpu
 
 
 def supported_backend() -> bool:
   """Pallas-Triton lowers on CUDA/ROCm GPUs and interprets on CPU; TPU has no Triton."""
-  return backend() in GPU_PLATFORMS or interpret()
+  return backend() in GPU_PLATFORMS or backend() == "cpu"
 
 
 def compiler_params(num_warps: int) -> pltriton.CompilerParams:
@@ -45,5 +62,5 @@ def device_kind() -> str:
   return jax.devices()[0].device_kind if backend() != "cpu" else "cpu"
 
 
-__all__ = ["pl", "pltriton", "JAX_VERSION", "backend", "interpret", "supported_backend",
-           "compiler_params", "device_kind"]
+__all__ = ["pl", "pltriton", "JAX_VERSION", "backend", "interpret", "lowering_for_gpu",
+           "supported_backend", "compiler_params", "device_kind"]

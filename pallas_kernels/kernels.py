@@ -19,8 +19,9 @@ the backward is
 
 (+ the residual-stream cotangent when fused), written by ONE kernel whose G programs each loop over a
 contiguous slab of rows and also write float32 partial sums of ``dy * xhat`` and ``dy`` (``[G, D]``) that
-XLA reduces afterwards: deterministic, no atomics. Columns beyond D (the power-of-two padding) and rows
-beyond N are masked with ``jnp.where``, never multiplied by a mask, since interpret mode pads with NaN.
+XLA reduces afterwards: deterministic, no atomics. Both kernels index whole-array refs by hand and mask
+every load and store on both edges: columns beyond D (the power-of-two padding) and rows beyond N.
+Values are masked with ``jnp.where``, never multiplied by a mask, since interpret mode pads with NaN.
 """
 
 from __future__ import annotations
@@ -39,14 +40,32 @@ KINDS = ("layer_norm", "rms_norm", "crms_norm")
 F32 = jnp.float32
 
 
+MAX_WARPS = 32  # 1024 threads per block on every CUDA GPU
+MAX_BLOCK_ELEMENTS = 2**20  # rows x padded width of one block: Triton's TRITON_MAX_TENSOR_NUMEL
+
+
 @dataclasses.dataclass(frozen=True)
 class KernelConfig:
-  """Launch parameters; None = the measured heuristic in ``default_config`` (docs/kernels.md)."""
+  """Launch parameters; None = the measured heuristic in ``default_config`` (docs/kernels.md).
+  Rows per block and warps must be powers of two (Triton's tensor shapes and launch), at most
+  ``MAX_WARPS`` warps; a ValueError names the field otherwise."""
   block_rows: int | None = None  # forward rows per program
   num_warps: int | None = None  # forward warps per program
   bwd_block_rows: int | None = None  # backward rows per loop iteration
   bwd_num_warps: int | None = None
   bwd_programs: int | None = None  # G, the number of backward programs (= partial-sum rows)
+
+  def __post_init__(self):
+    for field in ("block_rows", "num_warps", "bwd_block_rows", "bwd_num_warps"):
+      value = getattr(self, field)
+      if value is not None and (not isinstance(value, int) or value < 1 or value & (value - 1)):
+        raise ValueError(f"KernelConfig.{field}={value!r} must be a power of two")
+    for field in ("num_warps", "bwd_num_warps"):
+      if (getattr(self, field) or 1) > MAX_WARPS:
+        raise ValueError(f"KernelConfig.{field}={getattr(self, field)} exceeds {MAX_WARPS} warps "
+                         "(1024 threads per block)")
+    if self.bwd_programs is not None and (not isinstance(self.bwd_programs, int) or self.bwd_programs < 1):
+      raise ValueError(f"KernelConfig.bwd_programs={self.bwd_programs!r} must be a positive int")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,10 +95,15 @@ def default_config(n: int, d: int, config: KernelConfig | None = None) -> Kernel
   programs = 512 if dp <= 1024 else 256
   pick = lambda value, default: default if value is None else value
   bwd_rows = pick(config.bwd_block_rows, bwd_rows)
-  return KernelConfig(
+  filled = KernelConfig(
       block_rows=pick(config.block_rows, fwd_rows), num_warps=pick(config.num_warps, fwd_warps),
       bwd_block_rows=bwd_rows, bwd_num_warps=pick(config.bwd_num_warps, bwd_warps),
       bwd_programs=min(pick(config.bwd_programs, programs), pl.cdiv(n, bwd_rows)))
+  for field in ("block_rows", "bwd_block_rows"):
+    if getattr(filled, field) * dp > MAX_BLOCK_ELEMENTS:
+      raise ValueError(f"KernelConfig.{field}={getattr(filled, field)} rows of padded width {dp} "
+                       f"exceed {MAX_BLOCK_ELEMENTS} elements per block")
+  return filled
 
 
 def row_statistics(xf: Array, valid: Array | bool, kind: str, d: int, eps: float
@@ -101,7 +125,7 @@ def row_statistics(xf: Array, valid: Array | bool, kind: str, d: int, eps: float
   return xc, mean, lax.rsqrt(mean_square + eps)
 
 
-def _forward_kernel(*refs, st: Static, d: int):
+def _forward_kernel(*refs, st: Static, n: int, d: int, bm: int):
   it = iter(refs)
   x_ref = next(it)
   r_ref = next(it) if st.has_residual else None
@@ -111,23 +135,31 @@ def _forward_kernel(*refs, st: Static, d: int):
   s_ref = next(it) if st.has_residual else None
   mean_ref, rstd_ref = next(it), next(it)
 
-  x = x_ref[...]
+  # Whole-array refs indexed by hand, every access masked on both edges: Pallas-Triton does not
+  # mask block specs, so a (bm, Dp) block of a [N, D] array would read and write past each row
+  # (D < Dp) and past the last row (N % bm != 0).
+  dp = pl.next_power_of_2(d)
+  r0 = pl.program_id(0) * bm
+  row_ok = r0 + jnp.arange(bm) < n
+  col_ok = jnp.arange(dp) < d
+  ok = row_ok[:, None] & col_ok[None, :]
+  block = (pl.ds(r0, bm), pl.ds(0, dp))
+  x = pltriton.load(x_ref.at[block], mask=ok, other=0.0)
   if r_ref is not None:
-    x = x + r_ref[...]  # in the input dtype, exactly like the unfused ``x + residual``
-    s_ref[...] = x
-  valid = lax.broadcasted_iota(jnp.int32, x.shape, 1) < d
-  xc, mean, rstd = row_statistics(jnp.where(valid, x.astype(F32), 0.0), valid, st.kind, d, st.eps)
+    x = x + pltriton.load(r_ref.at[block], mask=ok, other=0.0)  # in the input dtype, like ``x + r``
+    pltriton.store(s_ref.at[block], x, mask=ok)
+  xc, mean, rstd = row_statistics(jnp.where(ok, x.astype(F32), 0.0), ok, st.kind, d, st.eps)
   y = xc * rstd[:, None]
   if w_ref is not None:
-    w = w_ref[...]
+    w = pltriton.load(w_ref.at[pl.ds(0, dp)], mask=col_ok, other=0.0)
     if st.casting == "llama" and jnp.dtype(w.dtype).itemsize < 4:
       y = y.astype(w.dtype)  # HF Llama: round the normalized value before the weight multiply
     y = y * w[None, :].astype(y.dtype)
   if b_ref is not None:
-    y = y + b_ref[...][None, :].astype(y.dtype)
-  y_ref[...] = y.astype(y_ref.dtype)
-  mean_ref[...] = mean
-  rstd_ref[...] = rstd
+    y = y + pltriton.load(b_ref.at[pl.ds(0, dp)], mask=col_ok, other=0.0)[None, :].astype(y.dtype)
+  pltriton.store(y_ref.at[block], y.astype(y_ref.dtype), mask=ok)
+  pltriton.store(mean_ref.at[pl.ds(r0, bm)], mean, mask=row_ok)
+  pltriton.store(rstd_ref.at[pl.ds(r0, bm)], rstd, mask=row_ok)
 
 
 def forward(x: Array, residual: Array | None, weight: Array | None, bias: Array | None,
@@ -135,21 +167,16 @@ def forward(x: Array, residual: Array | None, weight: Array | None, bias: Array 
   """``x, residual: [N, D]; weight, bias: [D]`` -> (y [N, D], s [N, D] or None, mean [N], rstd [N])."""
   n, d = x.shape
   cfg = default_config(n, d, st.config)
-  dp, bm = pl.next_power_of_2(d), cfg.block_rows
-  row_block = pl.BlockSpec((bm, dp), lambda i: (i, 0))
-  vector = pl.BlockSpec((dp,), lambda i: (0,))
-  stat = pl.BlockSpec((bm,), lambda i: (i,))
-  operands = [(x, row_block), (residual, row_block), (weight, vector), (bias, vector)]
-  operands = [(a, spec) for a, spec in operands if a is not None]
-  outs = [(jax.ShapeDtypeStruct((n, d), x.dtype), row_block)]
+  operands = [a for a in (x, residual, weight, bias) if a is not None]
+  out_shape = [jax.ShapeDtypeStruct((n, d), x.dtype)]
   if st.has_residual:
-    outs.append((jax.ShapeDtypeStruct((n, d), x.dtype), row_block))
-  outs += [(jax.ShapeDtypeStruct((n,), F32), stat)] * 2
+    out_shape.append(jax.ShapeDtypeStruct((n, d), x.dtype))
+  out_shape += [jax.ShapeDtypeStruct((n,), F32)] * 2
   results = pl.pallas_call(
-      functools.partial(_forward_kernel, st=st, d=d), grid=(pl.cdiv(n, bm),),
-      in_specs=[spec for _, spec in operands], out_specs=[spec for _, spec in outs],
-      out_shape=[shape for shape, _ in outs], compiler_params=compiler_params(cfg.num_warps),
-      interpret=interpret(), name=f"{st.kind}_fwd")(*[a for a, _ in operands])
+      functools.partial(_forward_kernel, st=st, n=n, d=d, bm=cfg.block_rows),
+      grid=(pl.cdiv(n, cfg.block_rows),), out_shape=out_shape,
+      compiler_params=compiler_params(cfg.num_warps), interpret=interpret(),
+      name=f"{st.kind}_fwd")(*operands)
   y, *rest = results
   s = rest.pop(0) if st.has_residual else None
   return y, s, rest[0], rest[1]

@@ -43,6 +43,7 @@ from pallas_kernels.kernels import F32, KernelConfig, Static
 Array = jax.Array
 IMPLS = ("xla", "pallas", "triton", "auto")
 MAX_WIDTH = 65536  # whole row in registers; wider rows would need a loop (Liger's limit)
+MAX_ELEMENTS = 2**31  # the kernels' pointer offsets (row * D + column) are int32
 KERNEL_DTYPES = ("float32", "bfloat16", "float16")
 _REFERENCE = {"layer_norm": standard.layer_norm, "rms_norm": standard.rms_norm,
               "crms_norm": standard.crms_norm}
@@ -132,6 +133,9 @@ def _pallas(x, scale, bias, residual, a: _Args):
   if jnp.dtype(x.dtype).name not in KERNEL_DTYPES or width > MAX_WIDTH or x.ndim == 0:
     raise NotImplementedError(f"impl='pallas' supports dtypes {KERNEL_DTYPES} and widths up to "
                               f"{MAX_WIDTH}; got {x.dtype} [..., {width}]")
+  if x.size >= MAX_ELEMENTS:
+    raise NotImplementedError(f"impl='pallas' indexes with int32 offsets: {x.size} elements "
+                              f"(shape {tuple(x.shape)}) reach 2**31; split the rows or use impl='xla'")
   weight = effective_weight(scale, width, a.scale_offset, a.out_scale, a.casting)
   st = Static(a.kind, float(a.eps), a.casting, weight is not None, bias is not None,
               residual is not None, a.config or KernelConfig())

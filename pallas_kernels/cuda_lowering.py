@@ -1,0 +1,95 @@
+"""The kernels lowered for CUDA on a machine without a GPU, and the Triton IR that lowering produced.
+
+Interpret mode (how the kernels run on CPU) pads out-of-bounds reads and drops out-of-bounds
+writes, so it cannot show a missing mask. ``lower`` runs the real Pallas-Triton lowering instead:
+``jax.export`` for ``platforms=["cuda"]`` with interpret mode off, under an abstract H100
+(``jax.sharding.AbstractDevice``, how jax >= 0.11 is told the target GPU; jax 0.10 falls back to
+compute capability 9.0 by itself). Each ``pallas_call`` becomes a custom call whose backend config
+carries the kernel's Triton module as MLIR bytecode; ``TritonKernel.asm`` is that module as text,
+``unmasked_accesses`` the global loads and stores in it without a mask.
+
+The private imports (the Triton dialect bundled with jaxlib, jax's MLIR context) are confined here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable
+from typing import Any
+
+import jax
+from jax._src.interpreters import mlir as jax_mlir
+from jax._src.lib import triton as jaxlib_triton
+from jax._src.lib.mlir import ir
+
+from pallas_kernels import _compat
+
+TRITON_CUSTOM_CALL = "__gpu$xla.gpu.triton"
+TARGET = jax.sharding.AbstractDevice(device_kind="NVIDIA H100", num_cores=132, platform="gpu")
+
+
+@dataclasses.dataclass(frozen=True)
+class TritonKernel:
+  """One ``pallas_call`` as lowered for CUDA."""
+  name: str
+  asm: str  # the Triton (tt dialect) module as text
+  bytecode: bytes  # the same module as MLIR bytecode (what ``triton.compile`` reads)
+  grid: tuple[int, int, int]
+  num_warps: int
+  num_stages: int
+
+
+def lower(fn: Callable[..., Any], *args: Any) -> list[TritonKernel]:
+  """The Triton kernels of ``jax.jit(fn)(*args)`` (``args`` may be ``ShapeDtypeStruct``) lowered
+  for CUDA, in program order."""
+  mesh = jax.sharding.AbstractMesh((1,), ("lowering",), abstract_device=TARGET)
+  with _compat.lowering_for_gpu(), jax.sharding.use_abstract_mesh(mesh):
+    exported = jax.export.export(
+        jax.jit(fn), platforms=["cuda"],
+        disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(TRITON_CUSTOM_CALL)])(*args)
+  context = jax_mlir.make_ir_context()
+  jaxlib_triton.dialect.register_dialect(context)
+  with context:
+    module = ir.Module.parse(exported.mlir_module())
+    return [_kernel(op) for op in _custom_calls(module.operation)]
+
+
+def _custom_calls(op: Any) -> list[Any]:
+  found = []
+  for region in op.regions:
+    for block in region.blocks:
+      for inner in block.operations:
+        if inner.name == "stablehlo.custom_call" and \
+            ir.StringAttr(inner.attributes["call_target_name"]).value == TRITON_CUSTOM_CALL:
+          found.append(inner)
+        found += _custom_calls(inner)
+  return found
+
+
+def _kernel(op: Any) -> TritonKernel:
+  config = op.attributes["mhlo.backend_config"]
+  bytecode = ir.StringAttr(config["ir"]).value_bytes
+  asm = ir.Module.parse(bytecode).operation.get_asm()
+  number = lambda key: ir.IntegerAttr(config[key]).value
+  name = re.search(r"tt\.func public @(\w+)", asm)
+  return TritonKernel(ir.StringAttr(config["name"]).value if "name" in config else name[1], asm, bytecode,
+                      (number("grid_x"), number("grid_y"), number("grid_z")), number("num_warps"),
+                      number("num_stages"))
+
+
+_ACCESS = re.compile(r"(?:%\S+ = )?tt\.(load|store) ([^:]+) : (tensor<[^>]*>)")
+
+
+def unmasked_accesses(kernel: TritonKernel) -> list[str]:
+  """The block (tensor-of-pointer) loads and stores of ``kernel`` that carry no mask: a load with one
+  operand (the pointers) or a store with two (pointers, value). Each such access reads or writes
+  every lane of its block, in bounds or not."""
+  out = []
+  for line in kernel.asm.splitlines():
+    match = _ACCESS.search(line)
+    if match:
+      op, operands, _ = match.groups()
+      if len(operands.split(",")) == (1 if op == "load" else 2):
+        out.append(line.strip())
+  return out
