@@ -8,13 +8,20 @@ compute capability 9.0 by itself). Each ``pallas_call`` becomes a custom call wh
 carries the kernel's Triton module as MLIR bytecode; ``TritonKernel.asm`` is that module as text,
 ``unmasked_accesses`` the global loads and stores in it without a mask.
 
+``compile_for_hopper`` takes one step further, still without a GPU: the ``triton`` package from PyPI
+(the ``ptx`` extra) compiles the Triton IR to PTX and a cubin for sm_90a, and ``ptxas -v`` (shipped
+with it) reports registers per thread and spilled bytes.
+
 The private imports (the Triton dialect bundled with jaxlib, jax's MLIR context) are confined here.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import pathlib
 import re
+import subprocess
+import tempfile
 from collections.abc import Callable
 from typing import Any
 
@@ -93,3 +100,47 @@ def unmasked_accesses(kernel: TritonKernel) -> list[str]:
       if len(operands.split(",")) == (1 if op == "load" else 2):
         out.append(line.strip())
   return out
+
+
+HOPPER = 90  # compute capability of the H100/H200; ptxas target sm_90a
+
+
+@dataclasses.dataclass(frozen=True)
+class Cubin:
+  """A kernel compiled for sm_90a, with what ``ptxas -v`` reports about it."""
+  name: str
+  ptx: str
+  cubin: bytes
+  registers: int  # per thread
+  spill_stores: int  # bytes per thread
+  spill_loads: int
+  stack_frame: int
+
+
+_PTXAS = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads"
+                    r"(?:.|\n)*?Used (\d+) registers")
+
+
+def compile_for_hopper(kernel: TritonKernel) -> Cubin:
+  """PTX and cubin of ``kernel`` for sm_90a by ``triton.compile`` (no driver needed), with registers
+  and spills from ``ptxas -v``. Needs the ``triton`` package (``pip install -e ".[ptx]"``)."""
+  try:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import get_ptxas
+  except ImportError as error:
+    raise ImportError("compiling for sm_90a needs the triton package: pip install -e '.[ptx]'") from error
+  with tempfile.TemporaryDirectory() as tmp:
+    source = pathlib.Path(tmp) / f"{kernel.name}.ttir"
+    source.write_text(kernel.asm)  # text, not bytecode: jaxlib's and triton's MLIR versions differ
+    compiled = triton.compile(str(source), target=GPUTarget("cuda", HOPPER, 32),
+                              options={"num_warps": kernel.num_warps, "num_stages": kernel.num_stages})
+    ptx = pathlib.Path(tmp) / f"{kernel.name}.ptx"
+    ptx.write_text(compiled.asm["ptx"])
+    report = subprocess.run([get_ptxas(HOPPER).path, "-v", f"--gpu-name=sm_{HOPPER}a", str(ptx), "-o",
+                             str(ptx.with_suffix(".cubin"))], capture_output=True, text=True, check=True)
+  match = _PTXAS.search(report.stdout + report.stderr)
+  if match is None:
+    raise RuntimeError(f"unexpected ptxas -v output for {kernel.name}:\n{report.stdout}{report.stderr}")
+  stack, stores, loads, registers = map(int, match.groups())
+  return Cubin(kernel.name, compiled.asm["ptx"], compiled.asm["cubin"], registers, stores, loads, stack)

@@ -27,13 +27,13 @@ Values are masked with ``jnp.where``, never multiplied by a mask, since interpre
 from __future__ import annotations
 
 import dataclasses
-import functools
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels._compat import compiler_params, interpret, pl, pltriton
+from pallas_kernels._compat import pl, pltriton
 
 Array = jax.Array
 KINDS = ("layer_norm", "rms_norm", "crms_norm")
@@ -42,6 +42,11 @@ F32 = jnp.float32
 
 MAX_WARPS = 32  # 1024 threads per block on every CUDA GPU
 MAX_BLOCK_ELEMENTS = 2**20  # rows x padded width of one block: Triton's TRITON_MAX_TENSOR_NUMEL
+# Rows up to WHOLE_ROW (padded) lanes are held in registers whole; wider rows are looped over in
+# blocks of WIDE_BLOCK_COLS columns (``wide.py``): a 16384-lane row in registers needs 255 registers
+# per thread and spills, a 65536-lane row spills 12-18 KB per thread (ptxas -v, sm_90a).
+WHOLE_ROW = 8192
+WIDE_BLOCK_COLS = 4096
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,9 +59,10 @@ class KernelConfig:
   bwd_block_rows: int | None = None  # backward rows per loop iteration
   bwd_num_warps: int | None = None
   bwd_programs: int | None = None  # G, the number of backward programs (= partial-sum rows)
+  block_cols: int | None = None  # columns per block: below next_pow2(D), rows are looped over (wide.py)
 
   def __post_init__(self):
-    for field in ("block_rows", "num_warps", "bwd_block_rows", "bwd_num_warps"):
+    for field in ("block_rows", "num_warps", "bwd_block_rows", "bwd_num_warps", "block_cols"):
       value = getattr(self, field)
       if value is not None and (not isinstance(value, int) or value < 1 or value & (value - 1)):
         raise ValueError(f"KernelConfig.{field}={value!r} must be a power of two")
@@ -89,7 +95,7 @@ def default_config(n: int, d: int, config: KernelConfig | None = None) -> Kernel
   config = config or KernelConfig()
   dp = pl.next_power_of_2(d)
   fwd_rows = max(1, min(32, 4096 // dp)) if dp <= 1024 else max(1, 8192 // dp)
-  fwd_warps = 4 if dp >= 16384 or dp * fwd_rows < 2048 else 8
+  fwd_warps = 4 if dp * fwd_rows < 2048 else 8
   bwd_rows = 2 if dp <= 2048 else 1
   bwd_warps = 4 if dp <= 1024 else 8
   programs = 512 if dp <= 1024 else 256
@@ -98,11 +104,12 @@ def default_config(n: int, d: int, config: KernelConfig | None = None) -> Kernel
   filled = KernelConfig(
       block_rows=pick(config.block_rows, fwd_rows), num_warps=pick(config.num_warps, fwd_warps),
       bwd_block_rows=bwd_rows, bwd_num_warps=pick(config.bwd_num_warps, bwd_warps),
-      bwd_programs=min(pick(config.bwd_programs, programs), pl.cdiv(n, bwd_rows)))
+      bwd_programs=min(pick(config.bwd_programs, programs), pl.cdiv(n, bwd_rows)),
+      block_cols=min(dp, pick(config.block_cols, dp if dp <= WHOLE_ROW else WIDE_BLOCK_COLS)))
   for field in ("block_rows", "bwd_block_rows"):
-    if getattr(filled, field) * dp > MAX_BLOCK_ELEMENTS:
-      raise ValueError(f"KernelConfig.{field}={getattr(filled, field)} rows of padded width {dp} "
-                       f"exceed {MAX_BLOCK_ELEMENTS} elements per block")
+    if getattr(filled, field) * filled.block_cols > MAX_BLOCK_ELEMENTS:
+      raise ValueError(f"KernelConfig.{field}={getattr(filled, field)} rows of {filled.block_cols} "
+                       f"columns exceed {MAX_BLOCK_ELEMENTS} elements per block")
   return filled
 
 
@@ -125,16 +132,41 @@ def row_statistics(xf: Array, valid: Array | bool, kind: str, d: int, eps: float
   return xc, mean, lax.rsqrt(mean_square + eps)
 
 
-def _forward_kernel(*refs, st: Static, n: int, d: int, bm: int):
-  it = iter(refs)
-  x_ref = next(it)
-  r_ref = next(it) if st.has_residual else None
-  w_ref = next(it) if st.has_weight else None
-  b_ref = next(it) if st.has_bias else None
-  y_ref = next(it)
-  s_ref = next(it) if st.has_residual else None
-  mean_ref, rstd_ref = next(it), next(it)
+class ForwardRefs(NamedTuple):
+  x: Any
+  residual: Any
+  weight: Any
+  bias: Any
+  y: Any
+  s: Any  # the new residual stream (x + residual), when fused
+  mean: Any
+  rstd: Any
 
+
+def forward_refs(refs: tuple[Any, ...], st: Static) -> ForwardRefs:
+  """The forward kernel's refs by name (absent operands are None), in ``pallas_call`` order."""
+  it = iter(refs)
+  inputs = [next(it) if present else None for present in (True, st.has_residual, st.has_weight, st.has_bias)]
+  y = next(it)
+  s = next(it) if st.has_residual else None
+  return ForwardRefs(*inputs, y, s, next(it), next(it))
+
+
+def affine(xhat: Array, r: ForwardRefs, cols: Any, col_ok: Array, casting: str) -> Array:
+  """``xhat [rows, C]`` float32 times the weight, plus the bias, of columns ``cols`` (a ``pl.ds``)."""
+  y = xhat
+  if r.weight is not None:
+    w = pltriton.load(r.weight.at[cols], mask=col_ok, other=0.0)
+    if casting == "llama" and jnp.dtype(w.dtype).itemsize < 4:
+      y = y.astype(w.dtype)  # HF Llama: round the normalized value before the weight multiply
+    y = y * w[None, :].astype(y.dtype)
+  if r.bias is not None:
+    y = y + pltriton.load(r.bias.at[cols], mask=col_ok, other=0.0)[None, :].astype(y.dtype)
+  return y
+
+
+def forward_kernel(*refs, st: Static, n: int, d: int, bm: int):
+  r = forward_refs(refs, st)
   # Whole-array refs indexed by hand, every access masked on both edges: Pallas-Triton does not
   # mask block specs, so a (bm, Dp) block of a [N, D] array would read and write past each row
   # (D < Dp) and past the last row (N % bm != 0).
@@ -144,63 +176,76 @@ def _forward_kernel(*refs, st: Static, n: int, d: int, bm: int):
   col_ok = jnp.arange(dp) < d
   ok = row_ok[:, None] & col_ok[None, :]
   block = (pl.ds(r0, bm), pl.ds(0, dp))
-  x = pltriton.load(x_ref.at[block], mask=ok, other=0.0)
-  if r_ref is not None:
-    x = x + pltriton.load(r_ref.at[block], mask=ok, other=0.0)  # in the input dtype, like ``x + r``
-    pltriton.store(s_ref.at[block], x, mask=ok)
+  x = pltriton.load(r.x.at[block], mask=ok, other=0.0)
+  if r.residual is not None:
+    x = x + pltriton.load(r.residual.at[block], mask=ok, other=0.0)  # in the input dtype, like ``x + r``
+    pltriton.store(r.s.at[block], x, mask=ok)
   xc, mean, rstd = row_statistics(jnp.where(ok, x.astype(F32), 0.0), ok, st.kind, d, st.eps)
-  y = xc * rstd[:, None]
-  if w_ref is not None:
-    w = pltriton.load(w_ref.at[pl.ds(0, dp)], mask=col_ok, other=0.0)
-    if st.casting == "llama" and jnp.dtype(w.dtype).itemsize < 4:
-      y = y.astype(w.dtype)  # HF Llama: round the normalized value before the weight multiply
-    y = y * w[None, :].astype(y.dtype)
-  if b_ref is not None:
-    y = y + pltriton.load(b_ref.at[pl.ds(0, dp)], mask=col_ok, other=0.0)[None, :].astype(y.dtype)
-  pltriton.store(y_ref.at[block], y.astype(y_ref.dtype), mask=ok)
-  pltriton.store(mean_ref.at[pl.ds(r0, bm)], mean, mask=row_ok)
-  pltriton.store(rstd_ref.at[pl.ds(r0, bm)], rstd, mask=row_ok)
+  y = affine(xc * rstd[:, None], r, pl.ds(0, dp), col_ok, st.casting)
+  pltriton.store(r.y.at[block], y.astype(r.y.dtype), mask=ok)
+  pltriton.store(r.mean.at[pl.ds(r0, bm)], mean, mask=row_ok)
+  pltriton.store(r.rstd.at[pl.ds(r0, bm)], rstd, mask=row_ok)
 
 
-def forward(x: Array, residual: Array | None, weight: Array | None, bias: Array | None,
-            st: Static) -> tuple[Array, Array | None, Array, Array]:
-  """``x, residual: [N, D]; weight, bias: [D]`` -> (y [N, D], s [N, D] or None, mean [N], rstd [N])."""
-  n, d = x.shape
-  cfg = default_config(n, d, st.config)
-  operands = [a for a in (x, residual, weight, bias) if a is not None]
-  out_shape = [jax.ShapeDtypeStruct((n, d), x.dtype)]
-  if st.has_residual:
-    out_shape.append(jax.ShapeDtypeStruct((n, d), x.dtype))
-  out_shape += [jax.ShapeDtypeStruct((n,), F32)] * 2
-  results = pl.pallas_call(
-      functools.partial(_forward_kernel, st=st, n=n, d=d, bm=cfg.block_rows),
-      grid=(pl.cdiv(n, cfg.block_rows),), out_shape=out_shape,
-      compiler_params=compiler_params(cfg.num_warps), interpret=interpret(),
-      name=f"{st.kind}_fwd")(*operands)
-  y, *rest = results
-  s = rest.pop(0) if st.has_residual else None
-  return y, s, rest[0], rest[1]
+class BackwardRefs(NamedTuple):
+  x: Any
+  dy: Any
+  ds: Any  # cotangent of the new residual stream, when fused
+  mean: Any
+  rstd: Any
+  weight: Any
+  dx: Any
+  dw: Any  # [G, D] float32 partial sums, when there is a weight
+  db: Any  # [G, D] float32 partial sums, when there is a bias
+  row_sums: tuple[Any, ...]  # wide rows only: per-row sums for the second pass (``wide.py``)
 
 
-def _backward_kernel(*refs, st: Static, n: int, d: int, rows_per_program: int, bm: int):
+def backward_refs(refs: tuple[Any, ...], st: Static, num_row_sums: int = 0) -> BackwardRefs:
   it = iter(refs)
-  x_ref, dy_ref = next(it), next(it)
-  ds_ref = next(it) if st.has_residual else None
-  mean_ref, rstd_ref = next(it), next(it)
-  w_ref = next(it) if st.has_weight else None
-  dx_ref = next(it)
-  dw_ref = next(it) if st.has_weight else None
-  db_ref = next(it) if st.has_bias else None
+  x, dy = next(it), next(it)
+  ds = next(it) if st.has_residual else None
+  mean, rstd = next(it), next(it)
+  weight = next(it) if st.has_weight else None
+  dx = next(it)
+  dw = next(it) if st.has_weight else None
+  db = next(it) if st.has_bias else None
+  return BackwardRefs(x, dy, ds, mean, rstd, weight, dx, dw, db, tuple(next(it) for _ in range(num_row_sums)))
 
+
+# The per-row sums each kind's input gradient needs (the backward formulas in the module docstring).
+ROW_SUMS = {"layer_norm": ("g", "g_xhat"), "rms_norm": ("g_xhat",), "crms_norm": ("g_xhat", "xhat")}
+
+
+def row_sums(kind: str, g: Array, xhat: Array) -> dict[str, Array]:
+  """``g, xhat [rows, C]`` -> the sums of ``ROW_SUMS[kind]`` over the columns, each ``[rows]``."""
+  terms = {"g": lambda: g, "g_xhat": lambda: g * xhat, "xhat": lambda: xhat}
+  return {name: jnp.sum(terms[name](), axis=1) for name in ROW_SUMS[kind]}
+
+
+def input_gradient(kind: str, g: Array, xhat: Array, sums: dict[str, Array], rstd: Array, d: int) -> Array:
+  """dx ``[rows, C]`` from ``g = dy * w``, ``xhat`` and the row sums over the whole row."""
+  col = lambda name: sums[name][:, None]
+  if kind == "layer_norm":
+    inner = g - col("g") / d - xhat * (col("g_xhat") / d)
+  elif kind == "rms_norm":
+    inner = g - xhat * (col("g_xhat") / d)
+  else:
+    inner = g - (xhat + col("xhat")) * (col("g_xhat") / (d + 1))
+  return inner * rstd[:, None]
+
+
+def backward_kernel(*refs, st: Static, n: int, d: int, rows_per_program: int, bm: int):
+  r = backward_refs(refs, st)
   dp = pl.next_power_of_2(d)
-  cols = jnp.arange(dp)
-  col_ok = cols < d
+  col_ok = jnp.arange(dp) < d
   program = pl.program_id(0)
   start = program * rows_per_program
   stop = jnp.minimum(start + rows_per_program, n)
   # Masked loads with ``other=0`` already zero the padding (interpret mode applies the same where).
-  w = None if w_ref is None else pltriton.load(w_ref.at[pl.ds(0, dp)], mask=col_ok, other=0.0).astype(F32)
-  partials = {name: ref for name, ref in (("dw", dw_ref), ("db", db_ref)) if ref is not None}
+  w = None
+  if r.weight is not None:
+    w = pltriton.load(r.weight.at[pl.ds(0, dp)], mask=col_ok, other=0.0).astype(F32)
+  partials = {name: ref for name, ref in (("dw", r.dw), ("db", r.db)) if ref is not None}
 
   def rows(ref, r0, mask):
     return pltriton.load(ref.at[pl.ds(r0, bm), pl.ds(0, dp)], mask=mask, other=0.0).astype(F32)
@@ -209,22 +254,15 @@ def _backward_kernel(*refs, st: Static, n: int, d: int, rows_per_program: int, b
     r0 = start + step * bm
     row_ok = r0 + jnp.arange(bm) < stop
     ok = row_ok[:, None] & col_ok[None, :]
-    mean = pltriton.load(mean_ref.at[pl.ds(r0, bm)], mask=row_ok, other=0.0)
-    rstd = pltriton.load(rstd_ref.at[pl.ds(r0, bm)], mask=row_ok, other=0.0)
-    dy = rows(dy_ref, r0, ok)
-    xhat = jnp.where(ok, (rows(x_ref, r0, ok) - mean[:, None]) * rstd[:, None], 0.0)
+    mean = pltriton.load(r.mean.at[pl.ds(r0, bm)], mask=row_ok, other=0.0)
+    rstd = pltriton.load(r.rstd.at[pl.ds(r0, bm)], mask=row_ok, other=0.0)
+    dy = rows(r.dy, r0, ok)
+    xhat = jnp.where(ok, (rows(r.x, r0, ok) - mean[:, None]) * rstd[:, None], 0.0)
     g = dy if w is None else dy * w[None, :]
-    g_dot_xhat = jnp.sum(g * xhat, axis=1)[:, None]
-    if st.kind == "layer_norm":
-      inner = g - jnp.sum(g, axis=1)[:, None] / d - xhat * (g_dot_xhat / d)
-    elif st.kind == "rms_norm":
-      inner = g - xhat * (g_dot_xhat / d)
-    else:
-      inner = g - (xhat + jnp.sum(xhat, axis=1)[:, None]) * (g_dot_xhat / (d + 1))
-    dx = inner * rstd[:, None]
-    if ds_ref is not None:
-      dx = dx + rows(ds_ref, r0, ok)
-    pltriton.store(dx_ref.at[pl.ds(r0, bm), pl.ds(0, dp)], dx.astype(dx_ref.dtype), mask=ok)
+    dx = input_gradient(st.kind, g, xhat, row_sums(st.kind, g, xhat), rstd, d)
+    if r.ds is not None:
+      dx = dx + rows(r.ds, r0, ok)
+    pltriton.store(r.dx.at[pl.ds(r0, bm), pl.ds(0, dp)], dx.astype(r.dx.dtype), mask=ok)
     # Only the sums that are written are accumulated: each is a [Dp] float32 register vector.
     terms = {"dw": lambda: jnp.sum(dy * xhat, axis=0), "db": lambda: jnp.sum(dy, axis=0)}
     return {name: total + terms[name]() for name, total in sums.items()}
@@ -233,30 +271,3 @@ def _backward_kernel(*refs, st: Static, n: int, d: int, rows_per_program: int, b
                        {name: jnp.zeros((dp,), F32) for name in partials})
   for name, ref in partials.items():
     pltriton.store(ref.at[program, pl.ds(0, dp)], sums[name], mask=col_ok)
-
-
-def backward(x: Array, dy: Array, ds: Array | None, mean: Array, rstd: Array, weight: Array | None,
-             st: Static) -> tuple[Array, Array | None, Array | None]:
-  """One pass over rows -> (dx [N, D], d weight [D] or None, d bias [D] or None).
-
-  ``x`` is the normalized input (the new residual stream when fused); ``ds`` its own cotangent.
-  The weight gradient is with respect to the effective weight, reduced from float32 partials.
-  """
-  n, d = x.shape
-  cfg = default_config(n, d, st.config)
-  bm, programs = cfg.bwd_block_rows, cfg.bwd_programs
-  rows_per_program = pl.cdiv(pl.cdiv(n, programs), bm) * bm
-  programs = pl.cdiv(n, rows_per_program)
-  operands = [a for a in (x, dy, ds, mean, rstd, weight) if a is not None]
-  partial = jax.ShapeDtypeStruct((programs, d), F32)
-  out_shape = [jax.ShapeDtypeStruct((n, d), dy.dtype)]
-  out_shape += [partial] * (int(st.has_weight) + int(st.has_bias))
-  kernel = functools.partial(_backward_kernel, st=st, n=n, d=d, rows_per_program=rows_per_program,
-                             bm=bm)
-  dx, *partials = pl.pallas_call(
-      kernel, grid=(programs,), out_shape=out_shape,
-      compiler_params=compiler_params(cfg.bwd_num_warps), interpret=interpret(),
-      name=f"{st.kind}_bwd")(*operands)
-  dweight = partials.pop(0).sum(0) if st.has_weight else None
-  dbias = partials.pop(0).sum(0) if st.has_bias else None
-  return dx, dweight, dbias

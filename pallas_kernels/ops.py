@@ -37,7 +37,7 @@ from normjax.axes import BATCH_AXES
 from normjax.norms import standard
 from normjax.norms._util import CASTINGS, check_scalar
 from normjax.validation import check_choice
-from pallas_kernels import _compat, auto, kernels
+from pallas_kernels import _compat, auto, kernels, launch
 from pallas_kernels.kernels import F32, KernelConfig, Static
 
 Array = jax.Array
@@ -105,18 +105,18 @@ def _xla(x, scale, bias, residual, a: _Args):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _fused(st: Static, x, residual, weight, bias):
-  return kernels.forward(x, residual, weight, bias, st)
+  return launch.forward(x, residual, weight, bias, st)
 
 
 def _fused_fwd(st, x, residual, weight, bias):
-  y, s, mean, rstd = kernels.forward(x, residual, weight, bias, st)
+  y, s, mean, rstd = launch.forward(x, residual, weight, bias, st)
   return (y, s, mean, rstd), (x if s is None else s, mean, rstd, weight, bias)
 
 
 def _fused_bwd(st, saved, cotangents):
   x, mean, rstd, weight, bias = saved
   dy, ds = cotangents[0], cotangents[1]  # mean/rstd cotangents are dropped: stop-gradient stats
-  dx, dweight, dbias = kernels.backward(x, dy, ds, mean, rstd, weight, st)
+  dx, dweight, dbias = launch.backward(x, dy, ds, mean, rstd, weight, st)
   return (dx, dx if st.has_residual else None,
           None if weight is None else dweight.astype(weight.dtype),
           None if bias is None else dbias.astype(bias.dtype))

@@ -76,12 +76,12 @@ def _close_reduced(name, got, want, dtype, xla_same_dtype=None):
 
 
 def _compare(kind, shape, dtype, *, use_scale=True, use_bias=True, use_residual=True, offset=0.0,
-             out_scale=0.7, casting="f32"):
+             out_scale=0.7, casting="f32", config=None):
   x, residual, scale, bias, cotangent = _inputs(shape, dtype)
   args = (x, residual if use_residual else None, scale if use_scale else None,
           bias if use_bias else None, out_scale)
   options = dict(scale_offset=offset, casting=casting)
-  (outs, stats), grads = _run(kind, "pallas", *args, cotangent, **options)
+  (outs, stats), grads = _run(kind, "pallas", *args, cotangent, config=config, **options)
   # The reference: the same rounded inputs, computed in float32. In bf16 the cotangents themselves are
   # rounded, so XLA's own run in the input dtype bounds the error too. "llama" rounds inside the
   # forward: its outputs are checked against that same-dtype XLA run.
@@ -218,9 +218,22 @@ def test_backward_is_deterministic_and_partials_reduce_across_programs():
     _close_reduced(name, got, want, jnp.float32)
 
 
+@pytest.mark.parametrize("kind,shape,dtype", [(kind, (13, 1000), jnp.float32) for kind in KINDS]
+                         + [("layer_norm", (3, 16384), jnp.bfloat16)], ids=_id)
+def test_wide_rows_loop_over_column_blocks(kind, shape, dtype):
+  """Rows wider than ``kernels.WHOLE_ROW`` lanes run the column-blocked kernels (``wide.py``): by
+  default at D=16384, forced at D=1000 with 128-column blocks (8 blocks, the last one ragged) and 3
+  backward programs of 5 rows (the last one ragged)."""
+  config = pk.KernelConfig(block_cols=128, bwd_programs=3) if shape[1] <= kernels.WHOLE_ROW else None
+  assert kernels.default_config(*shape, config).block_cols < 1024 or shape[1] > kernels.WHOLE_ROW
+  _compare(kind, shape, dtype, offset=0.5, config=config)
+
+
 def test_default_config_follows_the_measured_heuristics():
   cfg = kernels.default_config(16384, 4096)
   assert (cfg.block_rows, cfg.num_warps, cfg.bwd_block_rows, cfg.bwd_programs) == (2, 8, 1, 256)
+  assert cfg.block_cols == 4096 and kernels.default_config(8, 8192).block_cols == 8192  # whole rows
+  assert kernels.default_config(8, 16384).block_cols == kernels.WIDE_BLOCK_COLS  # looped over
   assert kernels.default_config(65536, 1024).bwd_programs == 512
   assert kernels.default_config(3, 1024).bwd_programs == 2  # never more programs than row pairs
   assert kernels.default_config(8, 128, pk.KernelConfig(block_rows=1)).block_rows == 1

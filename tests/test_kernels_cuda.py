@@ -1,5 +1,6 @@
 """The kernels as a GPU would run them, checked on CPU: every kernel lowered for CUDA by the real
-Pallas-Triton lowering (interpret mode off), its Triton IR inspected. Interpret mode pads
+Pallas-Triton lowering (interpret mode off), its Triton IR inspected, then compiled to PTX and a
+cubin for sm_90a by the ``triton`` package (no GPU or driver needed). Interpret mode pads
 out-of-bounds reads and drops out-of-bounds writes, so only this shows a missing mask: the old
 forward's (bm, next_pow2(D)) block specs stored each row's padding over the next row's first
 columns and past the end of the buffer, while every interpret-mode test passed."""
@@ -44,6 +45,21 @@ def test_every_block_load_and_store_of_every_kernel_is_masked(kind, dtype, width
   for kernel in kernels:
     assert "tt.store" in kernel.asm and "tt.load" in kernel.asm
     assert cuda_lowering.unmasked_accesses(kernel) == [], kernel.name
+    # ... and compiled to PTX and a cubin for sm_90a, with nothing spilled
+    cubin = cuda_lowering.compile_for_hopper(kernel)
+    assert cubin.cubin and ".target sm_90a" in cubin.ptx
+    assert (cubin.spill_stores, cubin.spill_loads) == (0, 0), (kernel.name, cubin)
+
+
+def test_the_widest_rows_compile_without_spilling():
+  """65536 lanes, the widest the kernels accept: whole rows in registers spilled 12-18 KB per
+  thread; rows looped over in column blocks spill nothing."""
+  x = jax.ShapeDtypeStruct((ROWS, 65536), jnp.bfloat16)
+  param = jax.ShapeDtypeStruct((65536,), jnp.float32)
+  for kernel in cuda_lowering.lower(_fwd_and_bwd("layer_norm", True), x, param, param, x):
+    cubin = cuda_lowering.compile_for_hopper(kernel)
+    assert (cubin.spill_stores, cubin.spill_loads, cubin.stack_frame) == (0, 0, 0), kernel.name
+    assert cubin.registers <= 128, (kernel.name, cubin.registers)
 
 
 def test_the_check_finds_the_unmasked_block_of_a_block_spec_kernel():
@@ -68,8 +84,8 @@ def test_launch_settings_are_validated_where_they_are_built():
       KernelConfig(**{field: value})
   with pytest.raises(ValueError, match=r"KernelConfig.bwd_programs=0 must be a positive int"):
     KernelConfig(bwd_programs=0)
-  with pytest.raises(ValueError, match=r"KernelConfig.block_rows=32 rows of padded width 65536 exceed"):
-    pallas_kernels.rms_norm(jnp.ones((4, 65536)), impl="pallas", config=KernelConfig(block_rows=32))
+  with pytest.raises(ValueError, match=r"KernelConfig.block_rows=512 rows of 4096 columns exceed 1048576"):
+    pallas_kernels.rms_norm(jnp.ones((4, 4096)), impl="pallas", config=KernelConfig(block_rows=512))
 
 
 def test_int32_offsets_are_refused_before_they_overflow():

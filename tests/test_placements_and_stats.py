@@ -17,7 +17,8 @@ BASE = dict(num_layers=3, d_model=16, num_heads=4, vocab_size=32, image_size=8, 
 
 
 @pytest.mark.parametrize("changes,match", [
-    (dict(placement=PlacementConfig("peri_ln")), r"model.placement.kind='peri_ln' is not valid; choose one of .* \(did you mean 'peri'\?\)"),
+    (dict(placement=PlacementConfig("peri_ln")),
+     r"model.placement.kind='peri_ln' is not valid; choose one of .* \(did you mean 'peri'\?\)"),
     (dict(norm=NormConfig("rmsnorn")), r"model.norm: unknown norm 'rmsnorn'. Did you mean 'rmsnorm'\?"),
     (dict(norm=NormConfig("rms_norm", {"epsilon": 1e-5})), r"model.norm: .*no option 'epsilon'"),
     (dict(num_heads=5), r"model.num_heads=5 does not divide model.d_model=16"),

@@ -52,7 +52,9 @@ def run_on_tmpfs(mountpoint: pathlib.Path, size: str, command: list[str], *, rea
 
 def _unfinished(workdir: pathlib.Path) -> list[str]:
   directory = workdir / "checkpoints"
-  return [p.name for p in directory.iterdir() if ".orbax-checkpoint-tmp" in p.name] if directory.is_dir() else []
+  if not directory.is_dir():
+    return []
+  return [p.name for p in directory.iterdir() if ".orbax-checkpoint-tmp" in p.name]
 
 
 # ---------------------------------------------------------------------------- kills and disks
@@ -124,7 +126,8 @@ def test_a_workdir_that_is_or_is_under_a_file_is_refused(tmp_path, data_dir):
   (tmp_path / "file").write_text("x")
   with pytest.raises(WorkdirError, match=r"workdir .*/file is a file, not a directory"):
     train(config, str(tmp_path / "file"))
-  with pytest.raises(WorkdirError, match=r"workdir .*/file/run cannot be created: Not a directory \(errno 20\)"):
+  with pytest.raises(WorkdirError,
+                     match=r"workdir .*/file/run cannot be created: Not a directory \(errno 20\)"):
     train(config, str(tmp_path / "file" / "run"))
 
 
@@ -177,7 +180,8 @@ def test_a_changed_config_is_refused_unless_allowed_and_then_recorded(tmp_path, 
   with pytest.raises(ResumeRefused, match=r"model.d_model: 32 -> 64"):  # not an orbax shape traceback
     train(load_config("configs/llama.py:tiny", {**base, "model.d_model": 64}, data_dir), str(tmp_path))
 
-  lns = load_config("configs/llama.py:tiny", {**base, "model.placement.kind": "lns", "train.steps": 6}, data_dir)
+  lns = load_config("configs/llama.py:tiny", {**base, "model.placement.kind": "lns", "train.steps": 6},
+                    data_dir)
   train(lns, str(tmp_path), allow_config_change=True)
   assert read_jsonl(tmp_path / "config_changes.jsonl") == [
       {"step": 4, "changes": {"model.placement.kind": ["pre", "lns"]}}]
@@ -234,7 +238,8 @@ def test_sigterm_during_start_up_stops_with_a_message(tmp_path, data_dir, moment
   workdir = tmp_path / "run"
   process = start("configs/llama.py:tiny", SMALL_LLAMA, data_dir, workdir)
   if moment == "before JAX loads":
-    wait_for(lambda: _catches(process.pid, signal.SIGTERM), process, "the handler is installed", interval=0.001)
+    wait_for(lambda: _catches(process.pid, signal.SIGTERM), process, "the handler is installed",
+             interval=0.001)
   else:
     wait_for(lambda: (workdir / ".lock").exists(), process, "the workdir is claimed", interval=0.001)
   process.send_signal(signal.SIGTERM)
