@@ -81,18 +81,54 @@ class Placement:
     x_new, out, aux, norm_in, norm_out = self.combine(x, branch, norms, ctx)
     if not ctx.collect_stats:
       return x_new, {}
-    nan = jnp.float32(jnp.nan)
-    stats = {**residual_stats(x_new), "branch_rms": _rms(out),
-             "norm_in_rms": nan if norm_in is None else _rms(norm_in),
-             "norm_out_rms": nan if norm_out is None else _rms(norm_out), **aux}
-    return x_new, stats
+    return x_new, statistics(x_new, out, aux, norm_in, norm_out)
 
 
-class Pre(Placement):
+def statistics(x_new: Array, out: Array, aux: dict[str, Array], norm_in: Array | None,
+               norm_out: Array | None, norm_in_rms: Array | None = None) -> dict[str, Array]:
+  """One sublayer's statistics (``docs/statistics.md``); ``norm_in_rms`` when already known (from
+  a kernel's row statistics) instead of recomputed from ``norm_in``."""
+  nan = jnp.float32(jnp.nan)
+  if norm_in_rms is None:
+    norm_in_rms = nan if norm_in is None else _rms(norm_in)
+  return {**residual_stats(x_new), "branch_rms": _rms(out), "norm_in_rms": norm_in_rms,
+          "norm_out_rms": nan if norm_out is None else _rms(norm_out), **aux}
+
+
+# add_norm(pending, x, out_scale, with_stats) -> (N(x + pending), x + pending, mean square of
+# x + pending per row or None): the fused "add, then normalize" of a kernel (``residual=``).
+AddNorm = Callable[..., tuple[Array, Array, Array | None]]
+
+
+class PreNorm(Placement):
+  """``x + F(N(x) * in_scale)``: the norm reads the residual stream and the branch output is added
+  back to it, so the add can wait for the next sublayer's norm and run inside its kernel
+  (``apply_deferred``, used when the norms are kernels)."""
+
+  def in_scale(self, ctx: Context) -> Any:
+    return None
+
   def combine(self, x, branch, norms, ctx):
-    h = norms["in"](x)
+    h = norms["in"](x, out_scale=self.in_scale(ctx))
     out, aux = branch(h)
     return x + out, out, aux, x, h
+
+  def apply_deferred(self, stream: tuple[Array, Array], branch: Branch, add_norm: AddNorm,
+                     ctx: Context) -> tuple[tuple[Array, Array], dict[str, Array]]:
+    """``stream = (x, pending)``: the residual stream is ``x + pending``, not yet added. Returns
+    ``((x + pending, F(N(x + pending))), stats)``, the same values as ``apply`` on ``x + pending``,
+    with ``norm_in_rms`` from the kernel's row statistics when it gives them."""
+    x, pending = stream
+    h, s, row_mean_square = add_norm(pending, x, self.in_scale(ctx), ctx.collect_stats)
+    out, aux = branch(h)
+    if not ctx.collect_stats:
+      return (s, out), {}
+    norm_in_rms = None if row_mean_square is None else jnp.sqrt(jnp.mean(row_mean_square))
+    return (s, out), statistics(s + out, out, aux, s, h, norm_in_rms)
+
+
+class Pre(PreNorm):
+  pass
 
 
 class Post(Placement):
@@ -123,13 +159,10 @@ class NoNorm(Placement):
     return x + out, out, aux, None, None
 
 
-class LayerNormScaling(Placement):
-  def combine(self, x, branch, norms, ctx):
-    scale = (1.0 / math.sqrt(ctx.layer) if isinstance(ctx.layer, int)
-             else jax.lax.rsqrt(jnp.asarray(ctx.layer, jnp.float32)))
-    h = norms["in"](x, out_scale=scale)
-    out, aux = branch(h)
-    return x + out, out, aux, x, h
+class LayerNormScaling(PreNorm):
+  def in_scale(self, ctx):
+    return (1.0 / math.sqrt(ctx.layer) if isinstance(ctx.layer, int)
+            else jax.lax.rsqrt(jnp.asarray(ctx.layer, jnp.float32)))
 
 
 def deepnorm_alpha(ctx_or_layers: Any, override: float | None = None) -> float:

@@ -175,16 +175,46 @@ def test_mix_uses_post_then_pre():
   assert float(stats["mlp/resid_var"][2]) > float(stats["mlp/resid_var"][1])
 
 
-@pytest.mark.parametrize("name,placement,norm", [("llama", "lns", "rms_norm"), ("vit", "peri", "layer_norm")])
-def test_pallas_kernels_in_the_model_match_xla(name, placement, norm):
-  """model.norm.impl='pallas' (interpret mode on CPU) changes no loss, logit or gradient."""
+def _kernel_calls(fn, *args) -> list[tuple[str, int]]:
+  """(name, number of outputs) of every pallas_call traced by ``fn(*args)``, nested jaxprs included."""
+  found = []
+
+  def walk(jaxpr):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == "pallas_call":
+        found.append((str(eqn.params["name"]), len(eqn.outvars)))
+      for value in eqn.params.values():
+        for sub in (value if isinstance(value, (list, tuple)) else [value]):
+          if hasattr(sub, "jaxpr") and hasattr(sub.jaxpr, "eqns"):
+            walk(sub.jaxpr)
+          elif hasattr(sub, "eqns"):
+            walk(sub)
+  walk(jax.make_jaxpr(fn)(*args).jaxpr)
+  return found
+
+
+@pytest.mark.parametrize("name,placement,norm,fused", [
+    ("llama", "lns", "rms_norm", True), ("llama", "pre", "layer_norm", True),
+    ("vit", "pre", "layer_norm", True), ("vit", "peri", "layer_norm", False)])
+def test_pallas_kernels_in_the_model_match_xla(name, placement, norm, fused):
+  """model.norm.impl='pallas' (interpret mode on CPU) changes no loss, logit, gradient or per-depth
+  statistic. Pre-LN-style placements defer every residual add into the next norm's kernel: the
+  forward kernels of both sublayers (traced once, in the scanned block) take the residual (4
+  outputs: y, x + r, mean, rstd) and give ``norm_in_rms`` from their row statistics; other
+  placements and the final norm call the plain kernel (3 outputs)."""
   x = inputs(name)
-  results = [loss_and_grads(build(small(name, placement, NormConfig(norm, impl=impl)), seed=1), x)
-             for impl in ("xla", "pallas")]
-  (loss, logits, _, grads), (loss_p, logits_p, _, grads_p) = results
+  models = [build(small(name, placement, NormConfig(norm, impl=impl)), seed=1) for impl in ("xla", "pallas")]
+  (loss, logits, stats, grads), (loss_p, logits_p, stats_p, grads_p) = [loss_and_grads(m, x) for m in models]
   np.testing.assert_allclose(loss_p, loss, rtol=1e-5)
   np.testing.assert_allclose(logits_p, logits, rtol=1e-5, atol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), grads_p, grads)
+  assert stats_p.keys() == stats.keys()
+  for key in stats:
+    np.testing.assert_allclose(stats_p[key], stats[key], rtol=1e-4, atol=1e-6, err_msg=key)
+  graphdef, state = nnx.split(models[1])
+  calls = _kernel_calls(lambda state, x: nnx.merge(graphdef, state)(x), state, x)
+  forward = [outputs for kernel, outputs in calls if kernel.endswith("_fwd")]
+  assert forward.count(4) == (2 if fused else 0) and forward.count(3) == len(forward) - forward.count(4)
 
 
 def test_norm_impl_is_validated():

@@ -1,7 +1,10 @@
 """The one transformer block shared by LLaMA and ViT, and the stack that runs it over depth.
 
 ``Block`` = attention sublayer then MLP sublayer, each wrapped by the configured placement
-(``normjax.placements``). ``Stack`` creates the L blocks stacked along a leading ``layers`` axis
+(``normjax.placements``). With a Pre-LN-style placement (``placements.PreNorm``) and kernel norms
+(``layers.uses_kernel``) the blocks carry the residual stream as ``(x, pending)`` and each
+sublayer's norm adds ``pending`` inside its kernel (``residual=``): one pass over memory for "add,
+then normalize" instead of two (``fuses_residual_add``). ``Stack`` creates the L blocks stacked along a leading ``layers`` axis
 (``nnx.vmap``) and runs them either under ``nnx.scan`` (the 1-based layer index is a scanned
 input, so depth-dependent placements work) or in a Python loop with static layer indices. Both
 paths read the same stacked parameters, so scanned and unrolled models are interchangeable.
@@ -17,9 +20,14 @@ from flax import nnx
 
 from normjax import norms, placements, roles, variance
 from normjax.models.config import REMAT_POLICIES, ModelConfig
-from normjax.models.layers import Attention, Mlp, activation_norm, call_norm
+from normjax.models.layers import Attention, Mlp, activation_norm, call_norm, uses_kernel
 
 Array = jax.Array
+
+
+def fuses_residual_add(cfg: ModelConfig) -> bool:
+  """Whether the blocks defer each residual add into the next norm's kernel (see the docstring)."""
+  return uses_kernel(cfg) and isinstance(placements.get(cfg.placement.kind), placements.PreNorm)
 
 
 class Block(nnx.Module):
@@ -38,16 +46,24 @@ class Block(nnx.Module):
         setattr(self, f"{sublayer}_norm_{slot}", activation_norm(cfg, rngs))
     self.placement_kind = placement.name
     self.norm_slots = placement.norm_slots
+    self.deferred_add = fuses_residual_add(cfg)
 
-  def __call__(self, x: Array, ctx: placements.Context, *, train: bool = False
-               ) -> tuple[Array, dict[str, Array]]:
+  def __call__(self, x: Any, ctx: placements.Context, *, train: bool = False
+               ) -> tuple[Any, dict[str, Array]]:
+    """``x [B, T, w]``, or the pair ``(x, pending)`` when ``deferred_add``."""
     placement = placements.get(self.placement_kind)
     stats = {}
     for sublayer, module in (("attn", self.attn), ("mlp", self.mlp)):
-      slot_norms = {slot: self._norm_fn(getattr(self, f"{sublayer}_norm_{slot}"), train)
-                    for slot in self.norm_slots}
       branch = lambda h, module=module: module(h, train=train, collect_stats=ctx.collect_stats)
-      x, sub_stats = placement.apply(x, branch, slot_norms, ctx)
+      if self.deferred_add:
+        norm = getattr(self, f"{sublayer}_norm_in")
+        add_norm = lambda pending, x, out_scale, with_stats, norm=norm: norm.add_norm(
+            pending, x, train=train, out_scale=out_scale, with_stats=with_stats)
+        x, sub_stats = placement.apply_deferred(x, branch, add_norm, ctx)
+      else:
+        slot_norms = {slot: self._norm_fn(getattr(self, f"{sublayer}_norm_{slot}"), train)
+                      for slot in self.norm_slots}
+        x, sub_stats = placement.apply(x, branch, slot_norms, ctx)
       stats.update({f"{sublayer}/{name}": value for name, value in sub_stats.items()})
     return x, stats
 
@@ -81,22 +97,27 @@ class Stack(nnx.Module):
     ctx_kwargs = dict(num_layers=cfg.num_layers, collect_stats=collect_stats,
                       mix_alpha=cfg.placement.mix_alpha, deepnorm_alpha=cfg.placement.deepnorm_alpha)
 
+    deferred = fuses_residual_add(cfg)
+    stream = lambda carry: carry[0] + carry[1] if deferred else carry  # the residual stream
+
     def body(x, block, layer):
       y, stats = block(x, placements.Context(layer=layer, **ctx_kwargs), train=train)
       if skip_layer is not None:
-        y = jnp.where(jnp.asarray(layer) == skip_layer, x, y)
+        y = jax.tree.map(lambda a, b: jnp.where(jnp.asarray(layer) == skip_layer, a, b), x, y)
       if collect_stats:
-        stats["hidden"] = summarize(y).astype(jnp.float32)
+        stats["hidden"] = summarize(stream(y)).astype(jnp.float32)
       return y, stats
 
     policy = REMAT_POLICIES[cfg.remat]
     if cfg.remat != "none":
       body = nnx.remat(body, policy=policy, static_argnums=(2,) if not cfg.scan_layers else ())
+    carry = (x, jnp.zeros_like(x)) if deferred else x  # the first norm adds a zero "pending"
     if cfg.scan_layers:
       scan = nnx.scan(body, in_axes=(nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0))
-      y, stats = scan(x, self.blocks, jnp.arange(1, cfg.num_layers + 1))
+      y, stats = scan(carry, self.blocks, jnp.arange(1, cfg.num_layers + 1))
     else:
-      y, stats = self._unrolled(body, x)
+      y, stats = self._unrolled(body, carry)
+    y = stream(y)
     if collect_stats:
       stats.update({f"embed/{k}": v for k, v in placements.residual_stats(x).items()})
       stats["hidden"] = jnp.concatenate([summarize(x).astype(jnp.float32)[None], stats["hidden"]])

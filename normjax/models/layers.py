@@ -172,10 +172,34 @@ class KernelNorm(Norm):
 
   def __call__(self, x: Array, *, train: bool = False, out_scale: Any = 1.0) -> Array:
     """``x: [..., d] -> [..., d]``."""
-    o, op = self.options, getattr(pallas_kernels, self.kind)
-    return self._run(x, train, lambda x, p, s: (op(
-        x, p.get("scale"), p.get("bias"), eps=o.eps, out_scale=out_scale, scale_offset=o.scale_offset,
-        casting=o.casting, impl=self.impl, row_axes=BATCH_AXES), s))
+    return self._run(x, train, lambda x, p, s: (self._op(x, p, out_scale), s))
+
+  def add_norm(self, x: Array, residual: Array, *, train: bool = False, out_scale: Any = None,
+               with_stats: bool = False) -> tuple[Array, Array, Array | None]:
+    """``(N(x + residual), x + residual, mean square of x + residual per row or None)`` in one
+    kernel pass; ``[..., d]`` in, ``[...]`` float32 mean squares. The mean square comes from the
+    kernel's row statistics (``1/rstd^2 - eps``, plus ``mean^2`` for LayerNorm); Compressed RMSNorm
+    normalizes a wider implicit vector, so its rows give None (recomputed in XLA)."""
+    out_scale = 1.0 if out_scale is None else out_scale
+    stats = with_stats and self.kind != "crms_norm"
+    y, s, *rest = self._run(x, train, lambda x, p, state: (self._op(
+        x, p, out_scale, residual=residual, return_stats=stats), state))
+    if not stats:
+      return y, s, None
+    mean, rstd = rest[0]
+    return y, s, 1.0 / jnp.square(rstd) - self.options.eps + jnp.square(mean)
+
+  def _op(self, x: Array, params: dict[str, Array], out_scale: Any, **fusions: Any) -> Any:
+    o = self.options
+    return getattr(pallas_kernels, self.kind)(
+        x, params.get("scale"), params.get("bias"), eps=o.eps, out_scale=out_scale,
+        scale_offset=o.scale_offset, casting=o.casting, impl=self.impl, row_axes=BATCH_AXES, **fusions)
+
+
+def uses_kernel(cfg: Any) -> bool:
+  """Whether the model's residual-stream norms are ``KernelNorm`` (``model.norm.impl`` not xla, a
+  kind with a fused kernel)."""
+  return cfg.norm.impl != "xla" and cfg.norm.kind in pallas_kernels.KINDS
 
 
 def activation_norm(cfg: Any, rngs: nnx.Rngs | None = None) -> Norm | None:
@@ -188,7 +212,7 @@ def activation_norm(cfg: Any, rngs: nnx.Rngs | None = None) -> Norm | None:
     options["param_dtype"] = cfg.param_dtype  # one home: model.param_dtype (options may not set it)
   if "batch_axes" in spec.defaults:
     options.setdefault("batch_axes", (0, 1))  # group statistics per token, never across positions
-  if cfg.norm.impl != "xla" and spec.name in pallas_kernels.KINDS:  # a model's norms: the last axis
+  if uses_kernel(cfg):  # a model's norms: the last axis
     return KernelNorm(spec.name, cfg.width, impl=cfg.norm.impl, rngs=rngs, **options)
   if "num_groups" in spec.defaults or spec.name == "evonorm_b0":
     example = jax.ShapeDtypeStruct((1, 1, cfg.width), jnp.float32)
