@@ -4,8 +4,9 @@
 (``normjax.placements``). With a Pre-LN-style placement (``placements.PreNorm``) and kernel norms
 (``layers.uses_kernel``) the blocks carry the residual stream as ``(x, pending)`` and each
 sublayer's norm adds ``pending`` inside its kernel (``residual=``): one pass over memory for "add,
-then normalize" instead of two (``fuses_residual_add``). ``Stack`` creates the L blocks stacked along a leading ``layers`` axis
-(``nnx.vmap``) and runs them either under ``nnx.scan`` (the 1-based layer index is a scanned
+then normalize" instead of two (``fuses_residual_add``).
+
+``Stack`` creates the L blocks stacked along a leading ``layers`` axis (``nnx.vmap``) and runs them either under ``nnx.scan`` (the 1-based layer index is a scanned
 input, so depth-dependent placements work) or in a Python loop with static layer indices. Both
 paths read the same stacked parameters, so scanned and unrolled models are interchangeable.
 """
