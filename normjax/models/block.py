@@ -6,9 +6,10 @@
 sublayer's norm adds ``pending`` inside its kernel (``residual=``): one pass over memory for "add,
 then normalize" instead of two (``fuses_residual_add``).
 
-``Stack`` creates the L blocks stacked along a leading ``layers`` axis (``nnx.vmap``) and runs them either under ``nnx.scan`` (the 1-based layer index is a scanned
-input, so depth-dependent placements work) or in a Python loop with static layer indices. Both
-paths read the same stacked parameters, so scanned and unrolled models are interchangeable.
+``Stack`` creates the L blocks stacked along a leading ``layers`` axis (``nnx.vmap``) and runs
+them either under ``nnx.scan`` (the 1-based layer index is a scanned input, so depth-dependent
+placements work) or in a Python loop with static layer indices. Both paths read the same stacked
+parameters, so scanned and unrolled models are interchangeable.
 """
 
 from __future__ import annotations
