@@ -1,4 +1,4 @@
-"""Pallas-Triton kernel bodies and ``pallas_call`` builders for the row norms, on ``[N, D]`` arrays.
+"""Pallas-Triton kernel bodies for the row norms on ``[N, D]`` arrays (``launch.py`` calls them).
 
 One forward kernel and one backward kernel serve LayerNorm, RMSNorm and Compressed RMSNorm
 (``docs/kernels.md``). Every row is normalized from the statistics

@@ -19,9 +19,10 @@ from collections.abc import Iterator
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
-class Interrupted(Exception):
+class Interrupted(BaseException):
   """The run stopped on a signal; ``exit_code`` is 128 + the signal number (SIGINT 130, SIGTERM 143),
-  so a scheduler sees that the run did not finish."""
+  so a scheduler sees that the run did not finish. A BaseException, like KeyboardInterrupt, so that
+  no ``except Exception`` in library code on the way swallows it."""
 
   def __init__(self, signum: int, message: str):
     super().__init__(message)
@@ -45,6 +46,7 @@ class StopRequest:
     if self.training and self.requested is None:
       self.requested = signum  # the loop saves after this step, then raises
       return
+    self.requested = self.requested or signum  # kept, should the exception below be swallowed
     stage = "a second signal during the save" if self.training else "start-up: no step has run"
     raise Interrupted(signum, f"{name(signum)} during {stage}; stopped without saving (the run "
                               "resumes from its last complete checkpoint)")
