@@ -1,4 +1,4 @@
-"""Norm kernels side by side (XLA vs Pallas vs tokamax): fwd and fwd+bwd time, GB/s, fraction of copy.
+"""Norm kernels side by side (XLA, Pallas, Triton, tokamax): fwd and fwd+bwd time, GB/s, fraction of copy.
 
     python -m benchmarks.kernels --markdown                  # GPU: the default target shapes, bf16
     python -m benchmarks.kernels --shapes 64x128,64x1000     # CPU smoke run (Pallas interpret mode)
@@ -215,8 +215,10 @@ def main() -> int:
                       help=f"comma-separated NxD (default {GPU_SHAPES}; on CPU {CPU_SHAPES})")
   parser.add_argument("--dtype", default="bfloat16")
   parser.add_argument("--ops", type=lambda t: t.split(","), default=OPS, help="subset of " + ",".join(OPS))
-  parser.add_argument("--impls", type=lambda t: t.split(","), default=("xla", "pallas", "tokamax"),
-                      help="comma-separated; tokamax is skipped when it is not importable")
+  parser.add_argument("--impls", type=lambda t: t.split(","),
+                      default=("xla", "pallas", "triton", "tokamax"),
+                      help="comma-separated; tokamax is skipped when it is not importable, triton "
+                           "(jax-triton) where it raises NotImplementedError (no GPU, D > 4096)")
   parser.add_argument("--repeats", type=int, default=None, help="timed samples (default 30; 3 on CPU)")
   parser.add_argument("--inner", type=int, default=None, help="calls per sample (default 10; 1 on CPU)")
   parser.add_argument("--markdown", action="store_true", help="also print the table as markdown")

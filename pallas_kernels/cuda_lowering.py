@@ -123,24 +123,38 @@ _PTXAS = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) b
 
 def compile_for_hopper(kernel: TritonKernel) -> Cubin:
   """PTX and cubin of ``kernel`` for sm_90a by ``triton.compile`` (no driver needed), with registers
-  and spills from ``ptxas -v``. Needs the ``triton`` package (``pip install -e ".[ptx]"``)."""
+  and spills from ``ptxas -v``. Needs the ``triton`` package (in the ``dev`` extra)."""
+  with tempfile.TemporaryDirectory() as tmp:
+    source = pathlib.Path(tmp) / f"{kernel.name}.ttir"
+    source.write_text(kernel.asm)  # text, not bytecode: jaxlib's and triton's MLIR versions differ
+    return _compile(str(source), kernel.name, kernel.num_warps, kernel.num_stages)
+
+
+def compile_source_for_hopper(fn: Any, signature: dict[str, str], constexprs: dict[str, Any],
+                              num_warps: int, name: str) -> Cubin:
+  """The same for a ``@triton.jit`` function (``triton_kernels``) specialized to ``signature``
+  (``{"X": "*bf16", "n": "i32", ...}``) and ``constexprs``."""
+  from triton.compiler import ASTSource
+  signature = {**signature, **{key: "constexpr" for key in constexprs}}
+  return _compile(ASTSource(fn, signature, constexprs), name, num_warps, 3)
+
+
+def _compile(source: Any, name: str, num_warps: int, num_stages: int) -> Cubin:
   try:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.backends.nvidia.compiler import get_ptxas
   except ImportError as error:
-    raise ImportError("compiling for sm_90a needs the triton package: pip install -e '.[ptx]'") from error
+    raise ImportError("compiling for sm_90a needs the triton package: pip install -e '.[dev]'") from error
+  compiled = triton.compile(source, target=GPUTarget("cuda", HOPPER, 32),
+                            options={"num_warps": num_warps, "num_stages": num_stages})
   with tempfile.TemporaryDirectory() as tmp:
-    source = pathlib.Path(tmp) / f"{kernel.name}.ttir"
-    source.write_text(kernel.asm)  # text, not bytecode: jaxlib's and triton's MLIR versions differ
-    compiled = triton.compile(str(source), target=GPUTarget("cuda", HOPPER, 32),
-                              options={"num_warps": kernel.num_warps, "num_stages": kernel.num_stages})
-    ptx = pathlib.Path(tmp) / f"{kernel.name}.ptx"
+    ptx = pathlib.Path(tmp) / f"{name}.ptx"
     ptx.write_text(compiled.asm["ptx"])
     report = subprocess.run([get_ptxas(HOPPER).path, "-v", f"--gpu-name=sm_{HOPPER}a", str(ptx), "-o",
                              str(ptx.with_suffix(".cubin"))], capture_output=True, text=True, check=True)
   match = _PTXAS.search(report.stdout + report.stderr)
   if match is None:
-    raise RuntimeError(f"unexpected ptxas -v output for {kernel.name}:\n{report.stdout}{report.stderr}")
+    raise RuntimeError(f"unexpected ptxas -v output for {name}:\n{report.stdout}{report.stderr}")
   stack, stores, loads, registers = map(int, match.groups())
-  return Cubin(kernel.name, compiled.asm["ptx"], compiled.asm["cubin"], registers, stores, loads, stack)
+  return Cubin(name, compiled.asm["ptx"], compiled.asm["cubin"], registers, stores, loads, stack)

@@ -84,6 +84,7 @@ class Static:
   has_bias: bool
   has_residual: bool
   config: KernelConfig
+  backend: str = "pallas"  # whose kernels run: "pallas" (launch.py) or "triton" (triton_kernels.py)
 
 
 def default_config(n: int, d: int, config: KernelConfig | None = None) -> KernelConfig:

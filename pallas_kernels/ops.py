@@ -11,8 +11,9 @@ Each op normalizes the last axis of ``x [..., D]`` and can, in the same pass,
   norm subtracted: the row mean for layer_norm, zeros for rms_norm and crms_norm.
 
 ``impl`` picks the implementation: ``"xla"`` (``normjax.norms``, the reference and the CPU default),
-``"pallas"`` (the Pallas-Triton kernels in ``kernels.py``; interpret mode on CPU), ``"triton"`` (raw Triton
-through jax-triton; not built yet, it raises NotImplementedError), ``"auto"`` (``auto.choose``: Pallas only
+``"pallas"`` (the Pallas-Triton kernels in ``kernels.py``; interpret mode on CPU), ``"triton"`` (the same
+design in the Triton language through jax-triton, ``triton_kernels.py``: a GPU only, whole rows),
+``"auto"`` (``auto.choose``: Pallas only
 where the measured table says it beats XLA for this device, op and shape), or a tuple tried in order in
 which ``NotImplementedError`` falls through to the next entry (the tokamax pattern).
 
@@ -103,20 +104,29 @@ def _xla(x, scale, bias, residual, a: _Args):
           rstd.reshape(s.shape[:-1]))
 
 
+def _launcher(backend: str) -> Any:
+  """The module building the kernel calls: ``launch`` (Pallas) or ``triton_kernels`` (imported on
+  first use: it needs the ``triton`` package)."""
+  if backend == "pallas":
+    return launch
+  from pallas_kernels import triton_kernels
+  return triton_kernels
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _fused(st: Static, x, residual, weight, bias):
-  return launch.forward(x, residual, weight, bias, st)
+  return _launcher(st.backend).forward(x, residual, weight, bias, st)
 
 
 def _fused_fwd(st, x, residual, weight, bias):
-  y, s, mean, rstd = launch.forward(x, residual, weight, bias, st)
+  y, s, mean, rstd = _launcher(st.backend).forward(x, residual, weight, bias, st)
   return (y, s, mean, rstd), (x if s is None else s, mean, rstd, weight, bias)
 
 
 def _fused_bwd(st, saved, cotangents):
   x, mean, rstd, weight, bias = saved
   dy, ds = cotangents[0], cotangents[1]  # mean/rstd cotangents are dropped: stop-gradient stats
-  dx, dweight, dbias = launch.backward(x, dy, ds, mean, rstd, weight, st)
+  dx, dweight, dbias = _launcher(st.backend).backward(x, dy, ds, mean, rstd, weight, st)
   return (dx, dx if st.has_residual else None,
           None if weight is None else dweight.astype(weight.dtype),
           None if bias is None else dbias.astype(bias.dtype))
@@ -125,20 +135,20 @@ def _fused_bwd(st, saved, cotangents):
 _fused.defvjp(_fused_fwd, _fused_bwd)
 
 
-def _pallas(x, scale, bias, residual, a: _Args):
+def _pallas(x, scale, bias, residual, a: _Args, backend: str = "pallas"):
   if not _compat.supported_backend():
     raise NotImplementedError(f"impl='pallas' uses Pallas-Triton, which has no {_compat.backend()} "
                               "lowering; use impl='xla'")
   width = x.shape[-1]
   if jnp.dtype(x.dtype).name not in KERNEL_DTYPES or width > MAX_WIDTH or x.ndim == 0:
-    raise NotImplementedError(f"impl='pallas' supports dtypes {KERNEL_DTYPES} and widths up to "
+    raise NotImplementedError(f"impl={backend!r} supports dtypes {KERNEL_DTYPES} and widths up to "
                               f"{MAX_WIDTH}; got {x.dtype} [..., {width}]")
   if x.size >= MAX_ELEMENTS:
-    raise NotImplementedError(f"impl='pallas' indexes with int32 offsets: {x.size} elements "
+    raise NotImplementedError(f"impl={backend!r} indexes with int32 offsets: {x.size} elements "
                               f"(shape {tuple(x.shape)}) reach 2**31; split the rows or use impl='xla'")
   weight = effective_weight(scale, width, a.scale_offset, a.out_scale, a.casting)
   st = Static(a.kind, float(a.eps), a.casting, weight is not None, bias is not None,
-              residual is not None, a.config or KernelConfig())
+              residual is not None, a.config or KernelConfig(), backend)
 
   def rows(x, residual, weight, bias):
     lead = x.shape[:-1]
@@ -166,8 +176,14 @@ def _row_sharded(fn: Callable[..., Any], row_axes: Sequence[str], x, residual, w
 
 
 def _triton(x, scale, bias, residual, a: _Args):
-  raise NotImplementedError("impl='triton' (raw Triton through jax-triton) is not built yet; use "
-                            "impl='pallas' or 'xla', or a tuple such as ('triton', 'pallas', 'xla')")
+  """The Triton-language kernels through jax-triton (``triton_kernels.py``): a GPU, jax-triton and
+  whole rows, else NotImplementedError (a tuple ``impl`` falls through)."""
+  try:
+    from pallas_kernels import triton_kernels
+  except ImportError as error:
+    raise NotImplementedError("impl='triton' needs the triton package: pip install -e '.[gpu]'") from error
+  triton_kernels.check_supported(x)
+  return _pallas(x, scale, bias, residual, a, backend="triton")
 
 
 _IMPLEMENTATIONS: dict[str, Callable[..., Any]] = {"xla": _xla, "pallas": _pallas, "triton": _triton}

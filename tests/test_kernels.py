@@ -76,12 +76,12 @@ def _close_reduced(name, got, want, dtype, xla_same_dtype=None):
 
 
 def _compare(kind, shape, dtype, *, use_scale=True, use_bias=True, use_residual=True, offset=0.0,
-             out_scale=0.7, casting="f32", config=None):
+             out_scale=0.7, casting="f32", config=None, impl="pallas"):
   x, residual, scale, bias, cotangent = _inputs(shape, dtype)
   args = (x, residual if use_residual else None, scale if use_scale else None,
           bias if use_bias else None, out_scale)
   options = dict(scale_offset=offset, casting=casting)
-  (outs, stats), grads = _run(kind, "pallas", *args, cotangent, config=config, **options)
+  (outs, stats), grads = _run(kind, impl, *args, cotangent, config=config, **options)
   # The reference: the same rounded inputs, computed in float32. In bf16 the cotangents themselves are
   # rounded, so XLA's own run in the input dtype bounds the error too. "llama" rounds inside the
   # forward: its outputs are checked against that same-dtype XLA run.
@@ -227,6 +227,17 @@ def test_wide_rows_loop_over_column_blocks(kind, shape, dtype):
   config = pk.KernelConfig(block_cols=128, bwd_programs=3) if shape[1] <= kernels.WHOLE_ROW else None
   assert kernels.default_config(*shape, config).block_cols < 1024 or shape[1] > kernels.WHOLE_ROW
   _compare(kind, shape, dtype, offset=0.5, config=config)
+
+
+@pytest.mark.gpu_only
+@pytest.mark.skipif(jax.default_backend() != "gpu",
+                    reason="impl='triton' runs through jax-triton on a GPU only")
+@pytest.mark.parametrize("kind,shape,dtype", [(kind, shape, dtype) for kind in KINDS
+                                              for shape in ((7, 1000), (64, 256), (5, 4096))
+                                              for dtype in (jnp.float32, jnp.bfloat16)], ids=_id)
+def test_triton_language_kernels_match_reference_on_a_gpu(kind, shape, dtype):
+  """The Triton-language kernels (``impl='triton'``) against the reference, every option on."""
+  _compare(kind, shape, dtype, offset=0.5, impl="triton")
 
 
 def test_default_config_follows_the_measured_heuristics():

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import pytest
 
 import pallas_kernels
-from pallas_kernels import KernelConfig, cuda_lowering
+from pallas_kernels import KernelConfig, cuda_lowering, kernels
 from pallas_kernels._compat import compiler_params
 
 WIDTHS = (1000, 1024, 4096, 8192, 16384)
@@ -93,3 +93,31 @@ def test_int32_offsets_are_refused_before_they_overflow():
   with pytest.raises(NotImplementedError, match=r"int32 offsets: 2147483648 elements .* reach 2\*\*31"):
     jax.eval_shape(lambda x: pallas_kernels.rms_norm(x, impl="pallas"), big)
   assert jax.eval_shape(lambda x: pallas_kernels.rms_norm(x, impl=("pallas", "xla")), big).shape == big.shape
+
+
+# ---------------------------------------------------------------------------- impl="triton"
+@pytest.mark.parametrize("kind,dtype,width,residual", [
+    (kind, dtype, width, residual) for kind, dtype, width, residual in
+    itertools.product(pallas_kernels.KINDS, ("float32", "bfloat16"), (1000, 1024, 4096), (False, True))])
+def test_the_triton_language_kernels_compile_for_hopper_without_spills(kind, dtype, width, residual):
+  """``impl='triton'``'s kernels (jax-triton runs them on a GPU only) compiled for sm_90a on CPU,
+  specialized exactly as ``triton_kernels.forward``/``backward`` launch them."""
+  from pallas_kernels import triton_kernels as tk
+  st = kernels.Static(kind, 1e-6, "f32", True, kind == "layer_norm", residual, KernelConfig(), "triton")
+  fwd, fwd_warps = tk.forward_constants(st, ROWS, width)
+  bwd, bwd_warps, _, _ = tk.backward_constants(st, ROWS, width)
+  for fn, signature, constants, warps, name in [
+      (tk.forward_kernel, tk.forward_signature(dtype), fwd, fwd_warps, f"{kind}_fwd"),
+      (tk.backward_kernel, tk.backward_signature(dtype), bwd, bwd_warps, f"{kind}_bwd")]:
+    cubin = cuda_lowering.compile_source_for_hopper(fn, signature, constants, warps, name)
+    assert cubin.cubin and ".target sm_90a" in cubin.ptx
+    assert (cubin.spill_stores, cubin.spill_loads) == (0, 0), (name, cubin.registers)
+
+
+def test_impl_triton_needs_a_gpu_and_falls_through_to_the_next_impl():
+  x = jnp.ones((3, 128))
+  with pytest.raises(NotImplementedError, match=r"impl='triton' runs Triton kernels through jax-triton, "
+                                                r"which needs a GPU \(this backend is cpu\)"):
+    pallas_kernels.rms_norm(x, impl="triton")
+  fallback = pallas_kernels.rms_norm(x, impl=("triton", "xla"))
+  assert jnp.allclose(fallback, pallas_kernels.rms_norm(x, impl="xla"))
