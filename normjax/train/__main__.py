@@ -5,11 +5,12 @@ import sys
 
 from normjax.train import signals
 
-signals.install()  # before JAX loads: a signal during the start-up still stops with a message
-
 
 def _main() -> int:
   try:
+    # First, before JAX loads: a signal during the start-up still stops with a message. Inside the
+    # ``try``, so that one arriving right after the handlers are in place is caught too.
+    signals.install()
     from normjax.train import cli  # imports JAX
     return cli.main(sys.argv[1:])
   except signals.Interrupted as error:
