@@ -34,6 +34,7 @@ from normjax import config as config_lib
 from normjax.validation import ConfigError
 
 _ORBAX_DIR = os.path.dirname(ocp.__file__)
+_FILTERED = ("absl", "asyncio")  # the loggers orbax's background errors reach
 _TMP_MARK = ".orbax-checkpoint-tmp"
 
 
@@ -65,7 +66,9 @@ class _OrbaxErrors(logging.Filter):
       if record.exc_info and record.exc_info[1] is not None:
         self.last = record.exc_info[1]
       return False
-    return True
+    # asyncio's "exception was never retrieved" for the same failed write, when orbax's gathered
+    # futures are collected with their error unread
+    return not (record.name == "asyncio" and "never retrieved" in record.getMessage())
 
 
 def _without_closed_loop_errors(previous: Any) -> Any:
@@ -122,13 +125,15 @@ class Checkpoints:
     self.keep = keep
     self.removed_unfinished = _remove_unfinished(self.directory)
     self._errors = _OrbaxErrors()
-    logging.getLogger("absl").addFilter(self._errors)
+    for logger in _FILTERED:
+      logging.getLogger(logger).addFilter(self._errors)
     self._unraisable_hook = sys.unraisablehook
     sys.unraisablehook = _without_closed_loop_errors(self._unraisable_hook)
     self.manager = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(
         max_to_keep=None, create=True, enable_async_checkpointing=True))  # retention: ``_prune``
     self.unverified: int | None = None  # the newest checkpoint, until its next step is checked
     self.in_flight: int | None = None  # the step being written in the background
+    self._failed = False
 
   def latest(self) -> int | None:
     return self.manager.latest_step()
@@ -197,6 +202,7 @@ class Checkpoints:
       error = raised
     if error is None and (self.directory / str(step)).is_dir():
       return
+    self._failed = True
     _remove_unfinished(self.directory, step)  # frees the space the partial save took
     self.manager.reload()
     good = [s for s in self.manager.all_steps() if s != step]
@@ -241,8 +247,10 @@ class Checkpoints:
       self.manager.close()
     except Exception:  # noqa: BLE001, S110
       pass
-    logging.getLogger("absl").removeFilter(self._errors)
-    sys.unraisablehook = self._unraisable_hook
+    if not self._failed:  # after a failed save, stragglers may still log: keep them out
+      for logger in _FILTERED:
+        logging.getLogger(logger).removeFilter(self._errors)
+      sys.unraisablehook = self._unraisable_hook
 
 
 def _refusal(step: int, directory: pathlib.Path, changes: dict[str, tuple[Any, Any]]) -> str:
