@@ -31,6 +31,7 @@ from typing import Any, NamedTuple
 import orbax.checkpoint as ocp
 
 from normjax import config as config_lib
+from normjax.train.workdir import describe
 from normjax.validation import ConfigError
 
 _ORBAX_DIR = os.path.dirname(ocp.__file__)
@@ -87,7 +88,7 @@ def reason(error: BaseException | None) -> str:
   ``os_error_code``), else the first line of the message."""
   for cause in _chain(error):
     if isinstance(cause, OSError) and cause.errno:
-      return f"{cause.strerror} (errno {cause.errno})"
+      return describe(cause)
     code = re.search(r"os_error_code='(\d+)'", str(cause))
     if code:
       return f"{os.strerror(int(code[1]))} (errno {code[1]})"

@@ -25,7 +25,8 @@ class WorkdirError(RuntimeError):
   """The workdir cannot be used; the message names the path and the reason."""
 
 
-def _describe(error: OSError) -> str:
+def describe(error: OSError) -> str:
+  """An OS error as one short phrase: ``No space left on device (errno 28)``."""
   return f"{error.strerror or error} (errno {error.errno})" if error.errno else str(error)
 
 
@@ -61,7 +62,7 @@ def _make(path: pathlib.Path) -> bool:
   try:
     path.mkdir(parents=True, exist_ok=True)
   except OSError as error:
-    raise WorkdirError(f"workdir {path} cannot be created: {_describe(error)}") from None
+    raise WorkdirError(f"workdir {path} cannot be created: {describe(error)}") from None
   return not existed
 
 
@@ -71,7 +72,7 @@ def _lock(path: pathlib.Path) -> int:
   try:
     fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
   except OSError as error:
-    raise WorkdirError(f"workdir {path} is not writable: {_describe(error)}") from None
+    raise WorkdirError(f"workdir {path} is not writable: {describe(error)}") from None
   try:
     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
   except BlockingIOError:
@@ -87,7 +88,7 @@ def _lock(path: pathlib.Path) -> int:
     os.fsync(fd)
   except OSError as error:
     os.close(fd)
-    raise WorkdirError(f"workdir {path} is not writable: {_describe(error)}") from None
+    raise WorkdirError(f"workdir {path} is not writable: {describe(error)}") from None
   return fd
 
 

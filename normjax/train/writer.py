@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 from tensorboardX import SummaryWriter
 
-from normjax.train.workdir import WorkdirError
+from normjax.train.workdir import WorkdirError, describe
 
 # A diverged run's last row is NaN on purpose; tensorboardX would warn once per value.
 logging.getLogger("tensorboardX.x2num").setLevel(logging.ERROR)
@@ -39,7 +39,7 @@ def _writing(path: pathlib.Path) -> Iterator[None]:
   try:
     yield
   except OSError as error:
-    raise WorkdirError(f"cannot write {path}: {error.strerror or error} (errno {error.errno}); "
+    raise WorkdirError(f"cannot write {path}: {describe(error)}; "
                        "training stopped (the last complete checkpoint is intact)") from None
 
 
