@@ -116,14 +116,17 @@ def backward_kernel(X, DY, DS, MEAN, RSTD, W, n_rows, d, rows_per_program, DX, D
 
 # The kernels' signatures in jax-triton's order (inputs and scalars, then outputs), as
 # ``triton.compile`` wants them for a given dtype; constexprs are passed by name.
+POINTERS = {"float32": "*fp32", "bfloat16": "*bf16", "float16": "*fp16"}
+
+
 def forward_signature(dtype: str) -> dict[str, str]:
-  t = {"float32": "*fp32", "bfloat16": "*bf16", "float16": "*fp16"}[dtype]
+  t = POINTERS[dtype]
   return {"X": t, "R": t, "W": "*fp32", "B": "*fp32", "n_rows": "i32", "d": "i32", "eps": "fp32",
           "Y": t, "S": t, "MEAN": "*fp32", "RSTD": "*fp32"}
 
 
 def backward_signature(dtype: str) -> dict[str, str]:
-  t = {"float32": "*fp32", "bfloat16": "*bf16", "float16": "*fp16"}[dtype]
+  t = POINTERS[dtype]
   return {"X": t, "DY": t, "DS": t, "MEAN": "*fp32", "RSTD": "*fp32", "W": "*fp32", "n_rows": "i32",
           "d": "i32", "rows_per_program": "i32", "DX": t, "DW": "*fp32", "DB": "*fp32"}
 
