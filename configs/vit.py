@@ -100,6 +100,10 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
       data=-1,  # data-parallel axis size (-1 = all devices left)
       fsdp=1,  # parameter-sharding axis size
       tensor=1,  # tensor-parallel axis size
-      num_devices=0,  # devices to use (0 = all visible)
+      num_devices=0,  # devices to use (0 = all visible; on several processes, all of them)
+      # the batch axis split over processes (hosts) first: "data" (parameters replicated per host,
+      # the cheaper collectives) or "fsdp" (parameters sharded across hosts too); the other takes
+      # the processes left, tensor stays within a host
+      across_processes="data",
   ))
   return c

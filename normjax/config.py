@@ -23,14 +23,15 @@ import ml_collections as mlc
 from ml_collections.config_dict import FieldReference
 
 from normjax import data, norms, variance
-from normjax.axes import MESH_AXES
+from normjax.axes import BATCH_AXES, MESH_AXES
 from normjax.models import ModelConfig
+from normjax.train import mesh as mesh_lib
 from normjax.train.optim import OptimConfig
 from normjax.validation import ConfigError, check_choice, closest, parse_value
 
-__all__ = ["MAY_CHANGE_ON_RESUME", "ConfigError", "Validated", "check_choice", "load", "mesh_shape",
-           "model_config", "parse_arg", "placeholder", "resume_changes", "section", "set_field",
-           "validate"]
+__all__ = ["MAY_CHANGE_ON_RESUME", "ConfigError", "Validated", "check_choice", "differences", "load",
+           "mesh_shape", "model_config", "parse_arg", "placeholder", "resume_changes", "section",
+           "set_field", "validate"]
 
 
 def placeholder(kind: type, value: Any = None) -> FieldReference:
@@ -229,16 +230,28 @@ def _positive(config: mlc.ConfigDict, field: str, *, allow_zero: bool = False) -
     raise ConfigError(f"{field}={value} must be {'>= 0' if allow_zero else 'positive'}")
 
 
-@_errors_as_config_errors
-def validate(config: mlc.ConfigDict, available_devices: int) -> Validated:
-  """Checks the whole config once; returns the typed, validated sections (``Validated``)."""
-  data_cfg = data.validate(config.data)
-  model = model_config(config, data_cfg)
+def _mesh(config: mlc.ConfigDict, available_devices: int, num_processes: int) -> dict[str, int]:
   requested = int(config.mesh.num_devices)
   if requested < 0 or requested > available_devices:
     raise ConfigError(f"mesh.num_devices={requested} but {available_devices} devices are visible "
                       "(0 = use all)")
+  if num_processes > 1 and requested not in (0, available_devices):
+    raise ConfigError(f"mesh.num_devices={requested}: a run on {num_processes} processes uses every "
+                      f"device of every process ({available_devices}); set 0 (all)")
   sizes = mesh_shape(config, requested or available_devices)
+  across = check_choice(config.mesh.across_processes, "mesh.across_processes", BATCH_AXES)
+  if num_processes > 1:
+    mesh_lib.split_over_processes(sizes, num_processes, across)
+  return sizes
+
+
+@_errors_as_config_errors
+def validate(config: mlc.ConfigDict, available_devices: int, num_processes: int = 1) -> Validated:
+  """Checks the whole config once for ``available_devices`` devices on ``num_processes``
+  processes; returns the typed, validated sections (``Validated``)."""
+  data_cfg = data.validate(config.data)
+  model = model_config(config, data_cfg)
+  sizes = _mesh(config, available_devices, num_processes)
   optim = OptimConfig.from_section(config.optim)
   for field in ("train.steps", "train.batch_size", "train.log_every", "ckpt.keep"):
     _positive(config, field)
@@ -265,7 +278,7 @@ def validate(config: mlc.ConfigDict, available_devices: int) -> Validated:
 MAY_CHANGE_ON_RESUME = frozenset({
     "train.steps", "train.log_every", "train.eval_every", "train.eval_steps", "ckpt.every",
     "ckpt.keep", "stats.every", "data.data_dir", *(f"mesh.{axis}" for axis in MESH_AXES),
-    "mesh.num_devices"})
+    "mesh.num_devices", "mesh.across_processes"})
 
 
 def _flat(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -278,11 +291,17 @@ def _flat(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
   return out
 
 
-def resume_changes(saved: Mapping[str, Any], config: mlc.ConfigDict) -> dict[str, tuple[Any, Any]]:
-  """``{field: (saved value, new value)}`` for every field outside ``MAY_CHANGE_ON_RESUME`` that
-  differs between a checkpoint's saved config (its JSON) and ``config``; "<absent>" marks a field
-  only one of them has."""
+def differences(saved: Mapping[str, Any], config: mlc.ConfigDict, ignore: frozenset[str] = frozenset()
+                ) -> dict[str, tuple[Any, Any]]:
+  """``{field: (saved value, new value)}`` for every field outside ``ignore`` that differs between
+  a config's JSON and ``config``; "<absent>" marks a field only one of them has."""
   old, new = _flat(saved), _flat(json.loads(config.to_json_best_effort()))
   absent = "<absent>"
   return {key: (old.get(key, absent), new.get(key, absent)) for key in sorted(old.keys() | new.keys())
-          if key not in MAY_CHANGE_ON_RESUME and old.get(key, absent) != new.get(key, absent)}
+          if key not in ignore and old.get(key, absent) != new.get(key, absent)}
+
+
+def resume_changes(saved: Mapping[str, Any], config: mlc.ConfigDict) -> dict[str, tuple[Any, Any]]:
+  """``differences`` between a checkpoint's saved config and ``config`` outside
+  ``MAY_CHANGE_ON_RESUME``: what resuming would change."""
+  return differences(saved, config, MAY_CHANGE_ON_RESUME)

@@ -52,10 +52,12 @@ class StepIndexedBatches:
       example[mask] = self._permutation(int(e))[position[mask]]
     return example
 
-  def batch(self, step: int) -> Batch:
+  def batch(self, step: int, rows: np.ndarray | None = None) -> Batch:
     """Batch ``step``: text ``inputs``/``targets`` int32 [B, T]; images ``inputs`` f32 [B, H, W, C],
-    ``labels`` int32 [B]."""
-    return self._fetch(self.indices(step))
+    ``labels`` int32 [B]. With ``rows`` (int [R], positions in the batch), only those rows
+    ([R, ...]): what one process of several reads."""
+    indices = self.indices(step)
+    return self._fetch(indices if rows is None else indices[rows])
 
   def _permutation(self, epoch: int) -> np.ndarray:
     if epoch not in self._permutations:

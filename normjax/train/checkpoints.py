@@ -16,6 +16,10 @@
   the saved config is compared with the new one (``normjax.config.resume_changes``): a difference
   is refused (``ResumeRefused``) unless the caller allows it.
 - Temporary folders of a save that a kill interrupted are removed when the run starts.
+- **Several processes** save and restore through orbax's multi-process support (each writes and
+  reads its own shards). Folder operations of ours run on process 0 only, and every decision (which
+  checkpoint restores, which ones to delete) is taken alike by all processes: retention runs only
+  where every process has waited for the previous save (``save``, ``finish``), never on a timing.
 """
 
 from __future__ import annotations
@@ -28,9 +32,11 @@ import shutil
 import sys
 from typing import Any, NamedTuple
 
+import jax
 import orbax.checkpoint as ocp
 
 from normjax import config as config_lib
+from normjax.train import distributed
 from normjax.train.workdir import describe
 from normjax.validation import ConfigError
 
@@ -124,7 +130,8 @@ class Checkpoints:
     self.directory = workdir / "checkpoints"
     self.skipped_directory = workdir / "skipped_checkpoints"
     self.keep = keep
-    self.removed_unfinished = _remove_unfinished(self.directory)
+    self.removed_unfinished = distributed.on_primary(
+        "remove-unfinished", lambda: _remove_unfinished(self.directory)) or []
     self._errors = _OrbaxErrors()
     for logger in _FILTERED:
       logging.getLogger(logger).addFilter(self._errors)
@@ -144,21 +151,22 @@ class Checkpoints:
     """The newest checkpoint that restores into ``abstract_state`` (None when there is none)."""
     skipped: dict[int, str] = {}
     for step in sorted(self.manager.all_steps(), reverse=True):
-      try:
-        meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-      except Exception as error:  # noqa: BLE001 - any failure to read makes the checkpoint unusable
-        skipped[step] = f"its metadata does not read ({reason(error)})"
+      meta, why = self._read(f"meta-{step}", lambda: self.manager.restore(
+          step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+      if why:
+        skipped[step] = f"its metadata does not read ({why})"
         continue
       changes = config_lib.resume_changes(meta["config"], config)
       if changes and not allow_changes:
         raise ResumeRefused(_refusal(step, self.directory, changes))
-      try:
-        state = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state)))["state"]
-      except Exception as error:  # noqa: BLE001
-        skipped[step] = reason(error)
+      state, why = self._read(f"state-{step}", lambda: self.manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state)))["state"])
+      if why:
+        skipped[step] = why
         continue
-      self._set_aside(skipped)
+      distributed.on_primary("set-aside", lambda: self._set_aside(skipped))
+      if skipped:
+        self.manager.reload()
       self.unverified = step
       return Restored(step, state, changes, skipped)
     if skipped:
@@ -166,6 +174,16 @@ class Checkpoints:
       raise CheckpointError(f"no checkpoint in {self.directory} restores ({listed}); move them away "
                             "to start afresh in this workdir")
     return None
+
+  @staticmethod
+  def _read(name: str, read: Any) -> tuple[Any, str | None]:
+    """``read()`` and None, or None and why it failed (on any process: all skip it alike)."""
+    try:
+      value, why = read(), None
+    except Exception as error:  # noqa: BLE001 - any failure to read makes the checkpoint unusable
+      where = f" (process {jax.process_index()})" if jax.process_count() > 1 else ""
+      value, why = None, reason(error) + where
+    return value, distributed.first_reason(f"restore-{name}", why)
 
   def _set_aside(self, skipped: dict[int, str]) -> None:
     """Moves checkpoints that did not restore out of the way of the saves that will replace them."""
@@ -177,14 +195,13 @@ class Checkpoints:
         target = self.skipped_directory / f"{step}.{suffix}"
       target.parent.mkdir(parents=True, exist_ok=True)
       os.replace(self.directory / str(step), target)
-    if skipped:
-      self.manager.reload()
 
   # ------------------------------------------------------------------ save
   def save(self, step: int, state: Any, config_json: dict[str, Any]) -> None:
     """Starts writing checkpoint ``step`` (the previous save must have succeeded)."""
     if self.in_flight is not None:
       self._check_saved()
+    self._prune()
     self.manager.save(step, force=True, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave({"step": step, "config": config_json})))
     self.in_flight, self.unverified = step, step
@@ -214,10 +231,10 @@ class Checkpoints:
 
   # ------------------------------------------------------------------ good checkpoints
   def checked(self, step: int) -> None:
-    """Step ``step`` was finite, so the checkpoint before it (if any) is good."""
+    """Step ``step`` was finite, so the checkpoint before it (if any) is good (old ones are deleted
+    at the next ``save`` or ``finish``)."""
     if self.unverified is not None and self.unverified < step:
       self.unverified = None
-      self._prune()
 
   def discard(self, step: int) -> int | None:
     """Step ``step`` was not finite: removes the checkpoint it started from (it would fail the same
@@ -231,7 +248,8 @@ class Checkpoints:
     return step - 1
 
   def _prune(self) -> None:
-    good = sorted(s for s in self.manager.all_steps() if s not in (self.unverified, self.in_flight))
+    """Deletes good checkpoints beyond the newest ``keep`` (no save in flight: see ``save``)."""
+    good = sorted(s for s in self.manager.all_steps() if s != self.unverified)
     for step in good[:-self.keep]:
       self.manager.delete(step)
 

@@ -7,11 +7,17 @@ Resumes from the newest checkpoint that restores, if the config is the one it wa
 saved, checked and restored by ``checkpoints.py``; SIGTERM and SIGINT save and stop
 (``signals.py``); a non-finite loss, gradient norm or parameter stops the run, naming the step, the
 last good checkpoint and the last statistics row. Nothing written before is touched.
+
+The same code runs on one process or on many (``jax.distributed``, started by the command line or
+by the caller): the state is created already sharded, each process reads only its rows of every
+batch, process 0 alone writes files and prints, and every decision is taken alike by all processes
+(``distributed.py``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import pathlib
@@ -28,8 +34,8 @@ from jax.sharding import PartitionSpec
 
 from normjax import config as config_lib
 from normjax import data, models
+from normjax.train import distributed, signals
 from normjax.train import mesh as mesh_lib
-from normjax.train import signals
 from normjax.train import workdir as workdir_lib
 from normjax.train.checkpoints import Checkpoints, Restored
 from normjax.train.optim import OptimConfig, make_optimizer, schedule
@@ -52,10 +58,13 @@ def state_specs(steps: Steps, model: Any, state: dict[str, Any], mesh: Any) -> d
           "opt_state": opt_specs}
 
 
-def build_steps(config: mlc.ConfigDict, model_cfg: Any) -> tuple[nnx.Module, Steps, Any]:
-  """The model (seeded by ``config.seed``), its optimizer and ``Steps``, exactly as ``train`` builds
-  them (so a restored checkpoint matches); returns (model, steps, weight-decay mask)."""
-  model = models.build(model_cfg, seed=config.seed)
+def build_steps(config: mlc.ConfigDict, model_cfg: Any, *, abstract: bool = False
+                ) -> tuple[nnx.Module, Steps, Any]:
+  """The model (seeded by ``config.seed``; with ``abstract``, only its shapes), its optimizer and
+  ``Steps``, exactly as ``train`` builds them (so a restored checkpoint matches); returns (model,
+  steps, weight-decay mask)."""
+  build = functools.partial(models.build, model_cfg, seed=config.seed)
+  model = nnx.eval_shape(build) if abstract else build()
   optim = OptimConfig.from_section(config.optim)
   tx, decay = make_optimizer(nnx.state(model, nnx.Param), optim, config.train.steps)
   return model, Steps(model, tx, schedule(optim, config.train.steps)), decay
@@ -69,21 +78,29 @@ class Sharded(NamedTuple):
   specs: dict[str, Any]  # PartitionSpecs of the state
   state_shardings: Any
   batch_sharding: Any
+  rows: mesh_lib.BatchRows  # the rows of a train/eval batch this process reads
   compiled: Compiled
   decay: Any  # the weight-decay mask
 
 
 def build_sharded(config: mlc.ConfigDict, model_cfg: Any, sizes: dict[str, int]) -> Sharded:
-  """The initial train state placed on a mesh of ``sizes`` and the compiled steps, as ``train`` and
-  the benchmarks use them."""
-  mesh = mesh_lib.make_mesh(sizes, jax.devices()[:math.prod(sizes.values())])
-  model, steps, decay = build_steps(config, model_cfg)
-  state = steps.init_state(model)
-  specs = state_specs(steps, model, state, mesh)
+  """The initial train state on a mesh of ``sizes`` and the compiled steps, as ``train`` and the
+  benchmarks use them. The state is created already sharded: its shapes come from
+  ``jax.eval_shape``, its values from one ``jit`` whose ``out_shardings`` are the state's, so each
+  device computes only its own shards and no host ever holds the whole state."""
+  mesh = mesh_lib.make_mesh(sizes, config.mesh.across_processes)
+  model, steps, decay = build_steps(config, model_cfg, abstract=True)
+
+  def init() -> dict[str, Any]:
+    return steps.init_state(models.build(model_cfg, seed=config.seed))
+
+  specs = state_specs(steps, model, jax.eval_shape(init), mesh)
   state_shardings = mesh_lib.shardings(specs, mesh)
   batch_sharding = mesh_lib.batch_sharding(mesh)
-  return Sharded(mesh, steps, jax.device_put(state, state_shardings), specs, state_shardings,
-                 batch_sharding, jit_steps(steps, state_shardings, batch_sharding), decay)
+  state = jax.jit(init, out_shardings=state_shardings)()
+  return Sharded(mesh, steps, state, specs, state_shardings, batch_sharding,
+                 mesh_lib.BatchRows(batch_sharding, config.train.batch_size),
+                 jit_steps(steps, state_shardings, batch_sharding), decay)
 
 
 def due(step: int, every: int, *, last: int | None = None, first: bool = False) -> bool:
@@ -96,11 +113,52 @@ def train(config: mlc.ConfigDict, workdir: str, *, allow_config_change: bool = F
   """Trains (or resumes) the run of ``config`` in ``workdir``; returns the final train loss and
   evaluation. Raises ``Interrupted`` (after saving) on SIGTERM/SIGINT, ``NonFiniteLoss``,
   ``CheckpointError``, ``WorkdirError`` and ``ConfigError``/``ResumeRefused``, each with one message.
-  ``allow_config_change`` resumes a checkpoint trained with another config (recorded)."""
+  ``allow_config_change`` resumes a checkpoint trained with another config (recorded).
+
+  With ``jax.distributed`` initialized, every process calls it with the same config and workdir."""
   with signals.handled() as stop:  # first: a signal during the slow start-up gets its message
-    run = config_lib.validate(config, jax.device_count())
-    with workdir_lib.claim(workdir) as wd, contextlib.ExitStack() as cleanup:
+    distributed.begin_run()
+    run = distributed.everywhere("config", lambda: config_lib.validate(
+        config, jax.device_count(), jax.process_count()))
+    _same_config_everywhere(config)
+    with contextlib.ExitStack() as cleanup:
+      wd = _claim(workdir, cleanup)
       return _Run(config, run, wd, stop, cleanup, allow_config_change).loop()
+
+
+def _same_config_everywhere(config: mlc.ConfigDict) -> None:
+  """ConfigError on every process when any was given another config than process 0 (the data
+  cache may differ per host: ``data.data_dir``)."""
+  first = json.loads(distributed.share("config-json", config.to_json_best_effort()))
+  changes = config_lib.differences(first, config, frozenset({"data.data_dir"}))
+  why = None if not changes else (f"process {jax.process_index()} was given another config than "
+                                  "process 0: " + ", ".join(f"{k}: {a!r} (process 0) vs {b!r}"
+                                                            for k, (a, b) in changes.items()))
+  why = distributed.first_reason("same-config", why)
+  if why:
+    raise distributed.raised_everywhere(config_lib.ConfigError(why))
+
+
+def _claim(workdir: str, cleanup: contextlib.ExitStack) -> workdir_lib.Workdir:
+  """The workdir, claimed (created, locked) by process 0 and joined by every other process, which
+  checks that it sees the same directory (``workdir.join``)."""
+  def claim() -> tuple[workdir_lib.Workdir, str]:
+    wd = cleanup.enter_context(workdir_lib.claim(workdir))
+    return wd, wd.token()
+
+  claimed = distributed.on_primary("workdir", claim)
+  token = distributed.share("workdir-token", claimed[1] if claimed else None)
+  return distributed.everywhere("workdir-shared", lambda: claimed[0] if claimed else workdir_lib.join(
+      workdir, token, jax.process_index()))
+
+
+def _open_data(cfg: data.DataConfig, batch_size: int) -> tuple[dict[str, Any], Any, Any]:
+  """(info, train batches, validation batches); a missing dataset is built by process 0 alone
+  while the others wait (one build, no race on its files)."""
+  if jax.process_count() > 1:
+    distributed.on_primary("data-build", lambda: data.info(cfg))
+  return distributed.everywhere("data", lambda: (
+      data.info(cfg), data.load(cfg, "train", batch_size), data.load(cfg, "validation", batch_size)))
 
 
 class _Run:
@@ -110,13 +168,14 @@ class _Run:
                stop: signals.StopRequest, cleanup: contextlib.ExitStack, allow_config_change: bool):
     self.config, self.run, self.wd, self.stop = config, run, wd, stop
     self.total, batch_size = config.train.steps, config.train.batch_size
-    info = data.info(run.data)
-    self.train_data = data.load(run.data, "train", batch_size)
-    self.val_data = data.load(run.data, "validation", batch_size)
+    self.primary = distributed.primary()
+    info, self.train_data, self.val_data = _open_data(run.data, batch_size)
     self.items_per_step = batch_size * (run.data.seq_len if run.data.kind == "text" else 1)
     self.throughput_key = "tokens_per_second" if run.data.kind == "text" else "images_per_second"
     self.sharded = build_sharded(config, run.model, run.mesh)
-    wd.require_free(sum(x.nbytes for x in jax.tree.leaves(self.sharded.state)), "one checkpoint")
+    self.vote = distributed.StopVote(self.sharded.mesh)
+    state_bytes = sum(x.nbytes for x in jax.tree.leaves(self.sharded.state))
+    distributed.on_primary("free-space", lambda: wd.require_free(state_bytes, "one checkpoint"))
     self.tvr = None if run.tvr is None else jax.jit(
         lambda p: self.sharded.steps.tvr(p, run.tvr), in_shardings=(self.sharded.state_shardings["params"],),
         out_shardings=(self.sharded.state_shardings["params"], None))
@@ -126,14 +185,18 @@ class _Run:
     self.start = restored.step if restored else 0
     self.state = restored.state if restored else self.sharded.state
     self.config_json = json.loads(config.to_json_best_effort())
-    self.writer = Writer(wd.path, self.start)
+    self.writer = distributed.everywhere("writer", lambda: Writer(wd.path, self.start, self.primary))
     cleanup.callback(self.writer.close)
-    self.writer.write_config(config)
-    _describe(wd.path, run, info, self.sharded, self.start)
-    self._report_restore(restored)
-    self.bar = tqdm.tqdm(total=self.total, initial=self.start, desc="train", dynamic_ncols=True)
+    distributed.on_primary("describe", lambda: self._describe(info, restored))
+    self.bar = tqdm.tqdm(total=self.total, initial=self.start, desc="train", dynamic_ncols=True,
+                         disable=not self.primary)
     cleanup.callback(self.bar.close)
     self.last = {"time": time.perf_counter(), "step": self.start, "loss": math.nan, "eval": {}}
+
+  def _describe(self, info: dict[str, Any], restored: Restored | None) -> None:
+    self.writer.write_config(self.config)
+    _describe(self.wd.path, self.run, info, self.sharded, self.start)
+    self._report_restore(restored)
 
   def _report_restore(self, restored: Restored | None) -> None:
     if self.ckpts.removed_unfinished:
@@ -158,7 +221,8 @@ class _Run:
       for index in range(self.start, self.total):
         step = index + 1
         collect = due(step, config.stats.every, first=True) if config.stats.every else False
-        batch = jax.device_put(self.train_data.batch(index), self.sharded.batch_sharding)
+        rows = self.sharded.rows
+        batch = rows.put(self.train_data.batch(index, rows.rows))
         self.state, metrics = compiled.train_step(collect)(self.state, batch)
         if pending is not None:  # read the previous step while this one runs
           self._process(*pending)
@@ -170,7 +234,8 @@ class _Run:
           self.state = {**self.state, "params": params}
           self.writer.metrics(step, {"rescaled": sum(int(np.sum(r)) for r in report["rescaled"].values())},
                               prefix="tvr")
-        save_now = bool(self.stop.requested) or due(step, config.ckpt.every, last=self.total)
+        signum = self.vote(self.stop.requested)  # the same on every process
+        save_now = bool(signum) or due(step, config.ckpt.every, last=self.total)
         eval_now = due(step, config.train.eval_every, last=self.total)
         if save_now or eval_now:
           self._process(*pending)  # a checkpoint or evaluation only follows a step whose loss was checked
@@ -179,8 +244,8 @@ class _Run:
             self._evaluate(step)
           if save_now:
             self.ckpts.save(step, self.state, self.config_json)
-        if self.stop.requested:
-          self._stop_after(step)
+        if signum:
+          self._stop_after(step, signum)
       if pending is not None:
         self._process(*pending)
     self.ckpts.finish()
@@ -213,24 +278,24 @@ class _Run:
     removed = self.ckpts.discard(step)
     good = self.ckpts.latest()
     note = f"removed checkpoint {removed} (its next step is this one); " if removed else ""
-    raise NonFiniteLoss(
+    raise distributed.raised_everywhere(NonFiniteLoss(
         f"non-finite {', '.join(bad)} at step {step}; {note}last good checkpoint: "
         f"{f'step {good} in {self.ckpts.directory}' if good else 'none'}; last statistics: "
-        f"step {self.writer.last_stats_step} in {self.writer.stats_path}")
+        f"step {self.writer.last_stats_step} in {self.writer.stats_path}"))
 
-  def _stop_after(self, step: int) -> None:
+  def _stop_after(self, step: int, signum: int) -> None:
     """A stop was requested: the checkpoint of ``step`` was saved (``loop``); wait for it, raise."""
     self.ckpts.finish()
-    signum = self.stop.requested
     message = f"{signals.name(signum)}: checkpoint saved at step {step} in {self.ckpts.directory}; exiting"
-    self.bar.write(message)
-    raise signals.Interrupted(signum, message)
+    if self.primary:
+      self.bar.write(message)
+    raise distributed.raised_everywhere(signals.Interrupted(signum, message))
 
   def _evaluate(self, step: int, reuse_row: bool = False) -> None:
     row = self.writer.row(step, "eval") if reuse_row else None
     if row is None:
       row = evaluate(self.sharded.compiled.eval, self.state, self.val_data, self.config.train.eval_steps,
-                     self.sharded.batch_sharding)
+                     self.sharded.rows)
       self.writer.metrics(step, row, prefix="eval")
     self.last["eval"] = row
 
@@ -239,7 +304,8 @@ class _Run:
     parts = [f"train loss {last['loss']:.4f}" if math.isfinite(last["loss"]) else "no new steps"]
     parts += [f"eval {k} {v:.4f}" for k, v in last["eval"].items()]
     self.bar.close()
-    print(f"done: step {self.total}/{self.total}, {', '.join(parts)}; workdir: {self.wd.path}")
+    if self.primary:
+      print(f"done: step {self.total}/{self.total}, {', '.join(parts)}; workdir: {self.wd.path}")
     return {"train_loss": last["loss"], **{f"eval_{k}": v for k, v in last["eval"].items()}}
 
 
@@ -250,9 +316,10 @@ def _abstract(sharded: Sharded) -> Any:
 
 
 def evaluate(eval_step: Any, state: dict[str, Any], val_data: Any, num_batches: int,
-             batch_sharding: Any) -> dict[str, float]:
-  """Mean of the eval metrics over the first ``num_batches`` validation batches (fixed order)."""
-  results = [jax.device_get(eval_step(state, jax.device_put(val_data.batch(i), batch_sharding)))
+             rows: mesh_lib.BatchRows) -> dict[str, float]:
+  """Mean of the eval metrics over the first ``num_batches`` validation batches (fixed order),
+  each process reading its ``rows``."""
+  results = [jax.device_get(eval_step(state, rows.put(val_data.batch(i, rows.rows))))
              for i in range(num_batches)]
   return {key: float(np.mean([r[key] for r in results])) for key in results[0]} if results else {}
 

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from normjax import norms, stats, variance
 from normjax.treeutil import path_names
@@ -130,11 +131,15 @@ class Compiled(NamedTuple):
     return self.train_with_stats if collect_stats else self.train
 
 
-def jit_steps(steps: Steps, state_shardings: Any, batch_sharding: Any) -> Compiled:
-  """The two compiled train steps (plain / with statistics) and the eval step."""
+def jit_steps(steps: Steps, state_shardings: Any, batch_sharding: NamedSharding) -> Compiled:
+  """The two compiled train steps (plain / with statistics) and the eval step. Metrics come out
+  replicated, so every process reads them whole (on several processes, every one takes the same
+  decisions from them)."""
+  replicated = NamedSharding(batch_sharding.mesh, PartitionSpec())
+
   def train(collect):
     return jax.jit(functools.partial(steps.train_step, collect_stats=collect),
                    in_shardings=(state_shardings, batch_sharding),
-                   out_shardings=(state_shardings, None), donate_argnums=0)
-  return Compiled(train(False), train(True),
-                  jax.jit(steps.eval_step, in_shardings=(state_shardings, batch_sharding)))
+                   out_shardings=(state_shardings, replicated), donate_argnums=0)
+  return Compiled(train(False), train(True), jax.jit(
+      steps.eval_step, in_shardings=(state_shardings, batch_sharding), out_shardings=replicated))

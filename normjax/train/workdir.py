@@ -5,6 +5,11 @@ the way, a read-only or full filesystem), takes an exclusive ``fcntl.flock`` on 
 (released by the kernel when the process ends, however it ends) and writes the holder's pid into
 it, so a second run on the same workdir is refused with the pid of the first. A workdir the run
 created is removed again if start-up fails before the first step, so a rejected run leaves nothing.
+
+A run on several processes uses one workdir on a filesystem they all see: process 0 claims it and
+writes a random token into ``<workdir>/.processes`` (``Workdir.token``); every other process
+``join``s it, which reads the token back and refuses, naming the path and the host, when it is not
+there (separate directories per host would otherwise hang in the first checkpoint save).
 """
 
 from __future__ import annotations
@@ -16,9 +21,11 @@ import pathlib
 import shutil
 import socket
 import time
+import uuid
 from collections.abc import Iterator
 
 LOCK = ".lock"
+TOKEN = ".processes"
 
 
 class WorkdirError(RuntimeError):
@@ -37,9 +44,18 @@ def _megabytes(num_bytes: float) -> str:
 class Workdir:
   """A claimed workdir (``claim``); ``path`` is absolute."""
 
-  def __init__(self, path: pathlib.Path, created: bool, lock_file: int):
-    self.path, self.created, self._lock_file = path, created, lock_file
+  def __init__(self, path: pathlib.Path, created: bool, lock_file: int | None):
+    self.path, self.created, self._lock_file = path, created, lock_file  # no lock: ``join``
     self.started = False  # set when the first step runs: from then on the workdir is kept
+
+  def token(self) -> str:
+    """Writes a new random token for the other processes of this run to find (``join``)."""
+    token = f"{uuid.uuid4().hex} {socket.gethostname()} {os.getpid()}"
+    try:
+      (self.path / TOKEN).write_text(token + "\n")
+    except OSError as error:
+      raise WorkdirError(f"workdir {self.path} is not writable: {describe(error)}") from None
+    return token
 
   def require_free(self, num_bytes: int, what: str) -> None:
     """WorkdirError when the filesystem has less than ``num_bytes`` free (checked before compiling,
@@ -51,7 +67,8 @@ class Workdir:
                          f"{what} needs about {_megabytes(num_bytes)}; free space or use another workdir")
 
   def release(self) -> None:
-    os.close(self._lock_file)  # closing the descriptor drops the flock
+    if self._lock_file is not None:
+      os.close(self._lock_file)  # closing the descriptor drops the flock
 
 
 def _make(path: pathlib.Path) -> bool:
@@ -112,3 +129,22 @@ def claim(path: str | os.PathLike) -> Iterator[Workdir]:
     raise
   finally:
     workdir.release()
+
+
+def join(path: str | os.PathLike, token: str, process: int) -> Workdir:
+  """The workdir that process 0 claimed, as process ``process`` of the same run sees it;
+  WorkdirError when ``<path>/.processes`` does not hold process 0's ``token`` (no shared directory)."""
+  path = pathlib.Path(path).absolute()
+  try:
+    found = (path / TOKEN).read_text().strip()
+    why = "" if found == token else f"{TOKEN} holds another run's token"
+  except OSError as error:
+    why = f"{TOKEN}: {describe(error)}"
+  if why:
+    host = token.split()[1] if len(token.split()) > 1 else "?"
+    raise WorkdirError(
+        f"workdir {path}: process {process} (host {socket.gethostname()}) does not find the token that "
+        f"process 0 (host {host}) wrote into its workdir ({why}), so the processes do not share one "
+        "directory; give every process the same --workdir on a filesystem all hosts mount (NFS, "
+        "Lustre, a bucket mount)")
+  return Workdir(path, created=False, lock_file=None)

@@ -13,6 +13,10 @@ then rename), so the cost of a statistics step does not grow with the run and a 
 leaves a torn file. On resume, rows and files past the restored step (from the lost part of the
 previous run) are dropped first: the resumed run writes them again, identically. A write that fails
 (a full or read-only disk) stops the run with ``WorkdirError`` naming the file and the OS error.
+
+Only process 0 of a multi-process run writes (``primary``); the others' writers only read the rows
+kept from before (``row``), so every row and file exists once. Temporary names carry the host and
+pid anyway, so two writers can never collide on one.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import json
 import logging
 import os
 import pathlib
+import socket
 from collections.abc import Iterator
 from typing import Any
 
@@ -59,8 +64,13 @@ def _shard_step(path: pathlib.Path) -> int | None:
   return int(path.stem) if path.suffix == ".npz" and path.stem.isdigit() else None
 
 
+def _tmp(path: pathlib.Path) -> pathlib.Path:
+  """A temporary name next to ``path``, unique to this process (removed on resume if left over)."""
+  return path.with_name(f"{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
+
+
 def _atomic_savez(path: pathlib.Path, arrays: dict[str, np.ndarray]) -> None:
-  tmp = path.with_name(path.name + ".tmp")
+  tmp = _tmp(path)
   with _writing(path), open(tmp, "wb") as f:
     np.savez(f, **arrays)
   os.replace(tmp, path)
@@ -101,19 +111,26 @@ def _truncate_jsonl(path: pathlib.Path, last_step: int) -> list[dict[str, Any]]:
     return []
   rows = read_jsonl(path)
   kept = [row for row in rows if row["step"] <= last_step]
-  tmp = path.with_name(path.name + ".tmp")
+  tmp = _tmp(path)
   tmp.write_text("".join(json.dumps(row) + "\n" for row in kept))
   os.replace(tmp, path)
   return kept
 
 
 class Writer:
-  def __init__(self, workdir: str | os.PathLike, resume_step: int):
-    self.workdir = pathlib.Path(workdir)
+  """The workdir's rows and files of a run resumed at ``resume_step`` (0: a new run); with
+  ``primary=False`` (processes other than 0) it reads, but writes nothing."""
+
+  def __init__(self, workdir: str | os.PathLike, resume_step: int, primary: bool = True):
+    self.workdir, self.primary = pathlib.Path(workdir), primary
     self.stats_dir = self.workdir / STATS_DIR
-    self.stats_dir.mkdir(parents=True, exist_ok=True)
     self.metrics_path = self.workdir / "metrics.jsonl"
     self.stats_path = self.workdir / "stats.jsonl"
+    if not primary:
+      self._rows = [r for r in read_jsonl(self.metrics_path) if r["step"] <= resume_step]
+      self.last_stats_step = None
+      return
+    self.stats_dir.mkdir(parents=True, exist_ok=True)
     self._rows = _truncate_jsonl(self.metrics_path, resume_step)  # the kept rows, for ``row``
     kept = _truncate_jsonl(self.stats_path, resume_step)
     for path in self.stats_dir.iterdir():
@@ -124,11 +141,15 @@ class Writer:
     self.last_stats_step: int | None = kept[-1]["step"] if kept else None
 
   def write_config(self, config: Any) -> None:
+    if not self.primary:
+      return
     path = self.workdir / "config.json"
     with _writing(path):
       path.write_text(config.to_json_best_effort(indent=2) + "\n")
 
   def config_change(self, step: int, changes: dict[str, tuple[Any, Any]]) -> None:
+    if not self.primary:
+      return
     _append(self.workdir / "config_changes.jsonl",
             {"step": step, "changes": {field: list(pair) for field, pair in changes.items()}})
 
@@ -142,6 +163,8 @@ class Writer:
     return None
 
   def metrics(self, step: int, values: dict[str, Any], prefix: str = "train") -> None:
+    if not self.primary:
+      return
     row = {"step": step, **{f"{prefix}/{k}": _jsonable(v) for k, v in values.items()}}
     _append(self.metrics_path, row)
     for key, value in row.items():
@@ -150,6 +173,8 @@ class Writer:
     self.tb.flush()
 
   def stats(self, step: int, values: dict[str, Any]) -> None:
+    if not self.primary:
+      return
     row = {"step": step, **{k: _jsonable(v) for k, v in values.items()}}
     _append(self.stats_path, row)
     self.last_stats_step = step
@@ -163,4 +188,5 @@ class Writer:
     self.tb.flush()
 
   def close(self) -> None:
-    self.tb.close()
+    if self.primary:
+      self.tb.close()
