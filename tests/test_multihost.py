@@ -176,21 +176,28 @@ def test_processes_given_different_configs_are_refused(tmp_path, data_dir):
   assert not (tmp_path / "run").exists()
 
 
-def test_users_own_launcher_and_no_process_holds_the_whole_state_or_batch(tmp_path, data_dir):
-  workdir, port = tmp_path / "run", free_port()
-  overrides = {**RUN, "mesh.across_processes": "fsdp", "data.data_dir": str(data_dir)}
+def test_users_own_launcher_and_no_process_holds_the_whole_state_or_batch(tmp_path):
+  """Also: a dataset not built yet is built once, by process 0, while the other waits."""
+  workdir, port, fresh = tmp_path / "run", free_port(), tmp_path / "tfds"
+  overrides = {**RUN, "mesh.across_processes": "fsdp", "data.data_dir": str(fresh),
+               "data.name": "text_files", "data.text_dir": str(ROOT / "normjax")}
   args = [f"{k}={v}" for k, v in overrides.items()]
   processes = [subprocess.Popen([sys.executable, str(ROOT / "tests" / "multihost_worker.py"), str(port), "2",
                                  str(i), str(workdir), str(ROOT / "configs/llama.py"), *args],
                                 env=os.environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                for i in range(2)]
-  reports = [json.loads(out.strip().splitlines()[-1]) for _, out, _ in succeed(processes)]
+  results = succeed(processes)
+  reports = [json.loads(out.strip().splitlines()[-1]) for _, out, _ in results]
+  assert "Downloading and preparing dataset" in results[0][1] + results[0][2]  # tfds: a build
+  assert "Downloading and preparing dataset" not in results[1][1] + results[1][2]
   written_once(workdir, 8, sessions=2)  # trained, then called again (finished: nothing new)
   for report in reports:
     # fsdp across the processes: each holds half of every sharded parameter and Adam moment
     assert report["held_state_bytes"] < 0.6 * report["state_bytes"]
     assert report["held_batch_bytes"] == report["batch_bytes"] // 2
   assert sorted(reports[0]["rows"] + reports[1]["rows"]) == list(range(RUN["train.batch_size"]))
+  (built,) = (fresh / "text_files").iterdir()  # one build (its hash folder), complete
+  assert [p.name for p in built.iterdir()] == ["1.0.0"] and not list(fresh.rglob("*incomplete*"))
 
 
 # ---------------------------------------------------------------- in-process, no second process

@@ -187,13 +187,14 @@ class _Run:
     self.config_json = json.loads(config.to_json_best_effort())
     self.writer = distributed.everywhere("writer", lambda: Writer(wd.path, self.start, self.primary))
     cleanup.callback(self.writer.close)
-    distributed.on_primary("describe", lambda: self._describe(info, restored))
+    distributed.on_primary("announce", lambda: self._announce(info, restored))
     self.bar = tqdm.tqdm(total=self.total, initial=self.start, desc="train", dynamic_ncols=True,
                          disable=not self.primary)
     cleanup.callback(self.bar.close)
     self.last = {"time": time.perf_counter(), "step": self.start, "loss": math.nan, "eval": {}}
 
-  def _describe(self, info: dict[str, Any], restored: Restored | None) -> None:
+  def _announce(self, info: dict[str, Any], restored: Restored | None) -> None:
+    """config.json, the start-up files and lines, what the restore found (process 0)."""
     self.writer.write_config(self.config)
     _describe(self.wd.path, self.run, info, self.sharded, self.start)
     self._report_restore(restored)
