@@ -44,6 +44,7 @@ class Context:
   collect_stats: bool = False
   mix_alpha: float = 0.25
   deepnorm_alpha: float | None = None
+  segments: Any = None  # ``layers.Segments`` of packed documents, for attention (None: one per row)
 
 
 def _rms(x: Array) -> Array:

@@ -165,6 +165,30 @@ def test_causality():
   assert not np.allclose(a[:, -1], b[:, -1])
 
 
+@pytest.mark.parametrize("placement, scan", [("pre", True), ("peri", False)])
+def test_a_packed_row_of_two_documents_gives_each_document_its_own_logits(placement, scan):
+  """Row = document A (5 tokens), document B (7 tokens), 4 padding tokens: with segment_ids and
+  positions, A's and B's logits equal those of A alone and B alone (attention stays inside a
+  document, RoPE restarts), and so do their statistics-step logits."""
+  model = build(small("llama", placement, scan_layers=scan))
+  rng = np.random.default_rng(3)
+  a, b = rng.integers(1, 32, size=5), rng.integers(1, 32, size=7)
+  row = jnp.asarray(np.concatenate([a, b, np.zeros(4, int)]))[None]
+  ids = jnp.asarray([[1] * 5 + [2] * 7 + [0] * 4])
+  positions = jnp.asarray([list(range(5)) + list(range(7)) + list(range(4))])
+  packed, stats = model(row, segment_ids=ids, positions=positions, collect_stats=True)
+  alone_a, _ = model(jnp.asarray(a)[None])
+  alone_b, _ = model(jnp.asarray(b)[None])
+  np.testing.assert_allclose(packed[0, :5], alone_a[0], rtol=2e-5, atol=2e-5)
+  np.testing.assert_allclose(packed[0, 5:12], alone_b[0], rtol=2e-5, atol=2e-5)
+  assert np.isfinite(stats["attn/attn_entropy"]).all()
+  # without the segments the same row mixes the documents: B's logits change
+  unpacked, _ = model(row)
+  assert not np.allclose(unpacked[0, 5:12], alone_b[0], atol=1e-3)
+  with pytest.raises(ValueError, match="both segment_ids and positions"):
+    model(row, segment_ids=ids)
+
+
 def test_mix_uses_post_then_pre():
   """mix with alpha 1/3 on 3 layers: block 1 is Post-LN (stream normalized), blocks 2-3 Pre-LN."""
   cfg = small("vit", "mix", "layer_norm").replace(

@@ -135,6 +135,22 @@ def test_stats_writer_appends_and_resume_drops_rows_past_the_restored_step(tmp_p
   assert sorted(p.name for p in (tmp_path / "stats").iterdir()) == ["000000001.npz", "000000002.npz"]
 
 
+def test_the_loss_averages_over_the_tokens_the_mask_keeps():
+  import jax.numpy as jnp
+  import optax
+  from normjax.train.step import task_loss
+  logits = jnp.asarray(np.random.default_rng(0).normal(size=(2, 3, 5)), jnp.float32)
+  targets = jnp.asarray([[1, 2, 3], [4, 0, 1]])
+  per_token = np.asarray(optax.softmax_cross_entropy_with_integer_labels(logits, targets))
+  mask = jnp.asarray([[1, 1, 0], [0, 1, 0]])
+  loss, _ = task_loss(logits, {"targets": targets, "loss_mask": mask})
+  np.testing.assert_allclose(loss, (per_token[0, 0] + per_token[0, 1] + per_token[1, 1]) / 3, rtol=1e-6)
+  unmasked, _ = task_loss(logits, {"targets": targets})
+  np.testing.assert_allclose(unmasked, per_token.mean(), rtol=1e-6)
+  empty, _ = task_loss(logits, {"targets": targets, "loss_mask": jnp.zeros((2, 3))})
+  assert float(empty) == 0.0  # a batch of padding only: no NaN
+
+
 def test_due_is_the_one_cadence_rule():
   assert [s for s in range(1, 11) if due(s, 4)] == [4, 8]
   assert [s for s in range(1, 11) if due(s, 4, last=10)] == [4, 8, 10]

@@ -56,7 +56,8 @@ class Block(nnx.Module):
     placement = placements.get(self.placement_kind)
     stats = {}
     for sublayer, module in (("attn", self.attn), ("mlp", self.mlp)):
-      branch = lambda h, module=module: module(h, train=train, collect_stats=ctx.collect_stats)
+      branch = lambda h, module=module: module(h, train=train, collect_stats=ctx.collect_stats,
+                                               segments=ctx.segments)
       if self.deferred_add:
         norm = getattr(self, f"{sublayer}_norm_in")
         add_norm = lambda pending, x, out_scale, with_stats, norm=norm: norm.add_norm(
@@ -87,8 +88,10 @@ class Stack(nnx.Module):
     self.cfg = cfg
 
   def __call__(self, x: Array, *, train: bool = False, collect_stats: bool = False,
-               skip_layer: Any = None, summarize: Any = None) -> tuple[Array, dict[str, Array]]:
-    """Runs every block. ``skip_layer`` (1-based, may be traced) replaces that block by the identity.
+               skip_layer: Any = None, summarize: Any = None, segments: Any = None
+               ) -> tuple[Array, dict[str, Array]]:
+    """Runs every block. ``skip_layer`` (1-based, may be traced) replaces that block by the identity;
+    ``segments`` (``layers.Segments``) keeps attention within packed documents.
 
     With ``collect_stats`` the stats hold an ``[L]`` array per sublayer statistic
     (``attn/resid_var``, ``mlp/branch_rms``, ...), ``embed/...`` scalars for the input x_0, and
@@ -97,7 +100,8 @@ class Stack(nnx.Module):
     """
     cfg = self.cfg
     ctx_kwargs = dict(num_layers=cfg.num_layers, collect_stats=collect_stats,
-                      mix_alpha=cfg.placement.mix_alpha, deepnorm_alpha=cfg.placement.deepnorm_alpha)
+                      mix_alpha=cfg.placement.mix_alpha, deepnorm_alpha=cfg.placement.deepnorm_alpha,
+                      segments=segments)
 
     deferred = fuses_residual_add(cfg)
     stream = lambda carry: carry[0] + carry[1] if deferred else carry  # the residual stream

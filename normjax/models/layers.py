@@ -12,7 +12,7 @@ for the kinds with a fused kernel and ``model.norm.impl`` other than ``xla``, th
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -70,28 +70,46 @@ class Dense(nnx.Module):
     return y if bias is None else y + bias.astype(self.dtype)
 
 
-def rope(x: Array, theta: float) -> Array:
-  """Rotary position embedding on ``[B, T, heads, head_dim]`` (half-split pairs, as in LLaMA)."""
+class Segments(NamedTuple):
+  """Packed documents in a batch: ``ids`` int32 [B, T] numbers the documents of a row (1, 2, ...;
+  0 is padding) and ``positions`` int32 [B, T] is each token's position within its document.
+  Attention stays within a document and RoPE restarts at each one."""
+  ids: Array
+  positions: Array
+
+  def mask(self) -> Array:
+    """``bool [B, 1, T, T]``: query t may attend to key s of the same document (padding to
+    padding, so that no row is empty; the loss ignores it)."""
+    return (self.ids[:, :, None] == self.ids[:, None, :])[:, None]
+
+
+def rope(x: Array, theta: float, positions: Array | None = None) -> Array:
+  """Rotary position embedding on ``[B, T, heads, head_dim]`` (half-split pairs, as in LLaMA), at
+  ``positions`` (int [B, T]; default 0..T-1)."""
   half = x.shape[-1] // 2
   freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
-  angle = jnp.arange(x.shape[1], dtype=jnp.float32)[:, None] * freq[None, :]  # [T, half]
-  cos, sin = jnp.cos(angle)[None, :, None, :], jnp.sin(angle)[None, :, None, :]
+  if positions is None:
+    positions = jnp.arange(x.shape[1])[None]
+  angle = positions.astype(jnp.float32)[..., None] * freq  # [B or 1, T, half]
+  cos, sin = jnp.cos(angle)[:, :, None, :], jnp.sin(angle)[:, :, None, :]
   x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x.dtype)
 
 
-def attention_entropy(q: Array, k: Array, causal: bool) -> Array:
+def attention_entropy(q: Array, k: Array, causal: bool, mask: Array | None = None) -> Array:
   """Mean entropy of the attention distributions over batch, heads and queries (float32 scalar).
 
   Only on statistics steps; the attention output itself always comes from
   ``jax.nn.dot_product_attention``, so collecting statistics never changes the training numerics.
-  ``q: [B, T, H, hd]``, ``k: [B, S, KV, hd]``.
+  ``q: [B, T, H, hd]``, ``k: [B, S, KV, hd]``, ``mask``: bool broadcastable to [B, H, T, S].
   """
   k = jnp.repeat(k, q.shape[2] // k.shape[2], axis=2)
   logits = jnp.einsum("bthd,bshd->bhts", q.astype(jnp.float32), k.astype(jnp.float32))
   logits = logits / jnp.sqrt(jnp.float32(q.shape[-1]))
   if causal:
     logits = jnp.where(jnp.tril(jnp.ones((q.shape[1], k.shape[1]), bool)), logits, -jnp.inf)
+  if mask is not None:
+    logits = jnp.where(mask, logits, -jnp.inf)
   log_probs = jax.nn.log_softmax(logits, -1)
   probs = jnp.exp(log_probs)
   return jnp.mean(-jnp.sum(jnp.where(probs > 0, probs * log_probs, 0.0), -1))
@@ -117,17 +135,18 @@ class Attention(nnx.Module):
     self.causal = cfg.causal
     self.rope_theta = cfg.rope_theta if cfg.name == "llama" else None
 
-  def __call__(self, x: Array, *, train: bool = False, collect_stats: bool = False
-               ) -> tuple[Array, dict[str, Array]]:
+  def __call__(self, x: Array, *, train: bool = False, collect_stats: bool = False,
+               segments: Segments | None = None) -> tuple[Array, dict[str, Array]]:
     heads, kv, hd = self.shape
     b, t, _ = x.shape
     q = self.q(x, train=train).reshape(b, t, heads, hd)
     k = self.k(x, train=train).reshape(b, t, kv, hd)
     v = self.v(x, train=train).reshape(b, t, kv, hd)
+    positions, mask = (None, None) if segments is None else (segments.positions, segments.mask())
     if self.rope_theta is not None:
-      q, k = rope(q, self.rope_theta), rope(k, self.rope_theta)
-    out = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal)
-    aux = {"attn_entropy": attention_entropy(q, k, self.causal)} if collect_stats else {}
+      q, k = rope(q, self.rope_theta, positions), rope(k, self.rope_theta, positions)
+    out = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal, mask=mask)
+    aux = {"attn_entropy": attention_entropy(q, k, self.causal, mask)} if collect_stats else {}
     return self.o(out.reshape(b, t, heads * hd), train=train), aux
 
 
@@ -149,9 +168,9 @@ class Mlp(nnx.Module):
       self.fc2 = Dense(hidden, w, ("mlp", "embed"), std=stds["fc2"], **common,
                        center_output=cfg.zero_mean_writers)
 
-  def __call__(self, x: Array, *, train: bool = False, collect_stats: bool = False
-               ) -> tuple[Array, dict[str, Array]]:
-    del collect_stats
+  def __call__(self, x: Array, *, train: bool = False, collect_stats: bool = False,
+               segments: Segments | None = None) -> tuple[Array, dict[str, Array]]:
+    del collect_stats, segments  # token-local
     if self.gated:
       h = jax.nn.silu(self.gate(x, train=train)) * self.up(x, train=train)
       return self.down(h, train=train), {}

@@ -7,6 +7,7 @@ pure (graphdef, state) pair the training loop jits and shards.
 
     model = Llama(ModelConfig(name="llama", norm=NormConfig("rms_norm"), ...), rngs=nnx.Rngs(0))
     logits, stats = model(tokens, collect_stats=True)   # tokens [B, T] int -> logits [B, T, V]
+    logits, _ = model(tokens, segment_ids=ids, positions=pos)   # packed documents [B, T] each
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from flax import nnx
 
 from normjax.models.block import Stack
 from normjax.models.config import ModelConfig
-from normjax.models.layers import Dense, activation_norm, call_norm, param
+from normjax.models.layers import Dense, Segments, activation_norm, call_norm, param
 
 Array = jax.Array
 
@@ -37,8 +38,13 @@ class Llama(nnx.Module):
         dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
 
   def __call__(self, tokens: Array, *, train: bool = False, collect_stats: bool = False,
-               skip_layer: Any = None) -> tuple[Array, dict[str, Array]]:
+               skip_layer: Any = None, segment_ids: Array | None = None,
+               positions: Array | None = None) -> tuple[Array, dict[str, Array]]:
     """``tokens [B, T] -> (logits [B, T, V] float32, stats)``; stats is {} unless collect_stats.
+
+    Packed rows: ``segment_ids`` int [B, T] (1, 2, ... per document, 0 padding) and ``positions``
+    int [B, T] (within the document) keep attention inside each document and restart RoPE, so a
+    document's logits do not depend on what else shares its row.
 
     ``stats['hidden']`` is ``[L+1, B, w]``: the LAST token of x_0 (embedding) and of every block
     output, before the final norm, for the angular-distance matrix.
@@ -49,8 +55,11 @@ class Llama(nnx.Module):
       x = x - jnp.mean(x, -1, keepdims=True)
     x = call_norm(self.embed_norm, x, train=train)
     last = lambda h: h[:, -1]
+    if (segment_ids is None) != (positions is None):
+      raise ValueError("packed rows need both segment_ids and positions (or neither)")
+    segments = None if segment_ids is None else Segments(segment_ids, positions)
     h, stats = self.stack(x, train=train, collect_stats=collect_stats, skip_layer=skip_layer,
-                          summarize=last)
+                          summarize=last, segments=segments)
     h = call_norm(self.final_norm, h, train=train)
     if self.head is None:
       logits = jnp.dot(h, self.embed[...].astype(cfg.dtype).T)

@@ -44,13 +44,25 @@ class Codec:
     return jax.tree.unflatten(self.state_def, jax.tree.leaves(pure))
 
 
+PACKING = ("segment_ids", "positions")  # the batch keys of packed documents (the model's inputs)
+
+
 def task_loss(logits: Array, batch: dict[str, Array]) -> tuple[Array, dict[str, Array]]:
-  """Next-byte cross-entropy (``targets``) or classification cross-entropy and accuracy (``labels``)."""
+  """Next-token cross-entropy (``targets``; averaged over the tokens ``loss_mask`` keeps, when the
+  batch has one) or classification cross-entropy and accuracy (``labels``)."""
   if "targets" in batch:
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"]).mean()
-    return loss, {}
+    per_token = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+    if "loss_mask" not in batch:
+      return per_token.mean(), {}
+    mask = batch["loss_mask"].astype(jnp.float32)
+    return jnp.sum(per_token * mask) / jnp.maximum(jnp.sum(mask), 1.0), {}
   loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"]).mean()
   return loss, {"accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["labels"])}
+
+
+def packing(batch: dict[str, Array]) -> dict[str, Array]:
+  """The packed-document inputs of a batch (``segment_ids``, ``positions``), if it has them."""
+  return {key: batch[key] for key in PACKING if key in batch}
 
 
 class Steps:
@@ -75,7 +87,8 @@ class Steps:
                  ) -> tuple[dict[str, Any], dict[str, Any]]:
     def loss_fn(params, norm_state):
       model = self.model(params, norm_state)
-      logits, depth_stats = model(batch["inputs"], train=True, collect_stats=collect_stats)
+      logits, depth_stats = model(batch["inputs"], train=True, collect_stats=collect_stats,
+                                  **packing(batch))
       loss, extra = task_loss(logits, batch)
       new_rest = self.rest_codec.to_pure(nnx.state(model, nnx.Not(nnx.Param)))
       return loss, (new_rest, depth_stats, extra)
@@ -104,7 +117,7 @@ class Steps:
     return self.params_codec.to_pure(new), report
 
   def eval_step(self, state: dict[str, Any], batch: dict[str, Array]) -> dict[str, Array]:
-    logits, _ = self.model(state["params"], state["norm_state"])(batch["inputs"])
+    logits, _ = self.model(state["params"], state["norm_state"])(batch["inputs"], **packing(batch))
     loss, extra = task_loss(logits, batch)
     return {"loss": loss, **extra}
 
