@@ -4,7 +4,8 @@
     python benchmarks/train_step.py --config=configs/llama.py:tiny --steps=20
 
 Builds the real train state and the two compiled steps of ``normjax.train`` (no workdir, synthetic
-batches of the right shape, so it measures the step, not the input pipeline) and prints compile
+packed batches of the right shape, so it measures the step, not the input pipeline:
+``benchmarks/loader.py`` does that) and prints compile
 time, median step time, tokens (or images) per second, model FLOPs utilization (6N + 12 L d T per
 token against the device's dense bf16 peak, when known) and the statistics step's cost relative to
 the plain step.
@@ -22,6 +23,7 @@ from ml_collections import config_flags
 
 from normjax import config as config_lib
 from normjax import data
+from normjax.data.batches import packed_batch
 from normjax.train.loop import build_sharded
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "config file", lock_config=True)
@@ -34,9 +36,10 @@ PEAK_FLOPS = {"NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H100": 989e12, "NVIDIA H2
 def synthetic_batch(config, model_cfg) -> dict[str, np.ndarray]:
   rng = np.random.default_rng(0)
   b = config.train.batch_size
-  if model_cfg.name == "llama":
-    tokens = rng.integers(0, model_cfg.vocab_size, (b, config.data.seq_len + 1), dtype=np.int32)
-    return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
+  if model_cfg.name == "llama":  # packed rows as the loop reads them: a document every 64 tokens
+    tokens = rng.integers(1, model_cfg.vocab_size, (b, config.data.seq_len + 1), dtype=np.int32)
+    tokens[:, 63::64] = 0
+    return packed_batch(tokens, eos=0)
   shape = (b, model_cfg.image_size, model_cfg.image_size, model_cfg.channels)
   return {"inputs": rng.random(shape, dtype=np.float32),
           "labels": rng.integers(0, model_cfg.num_classes, (b,), dtype=np.int32)}

@@ -17,13 +17,19 @@ import ml_collections as mlc
 
 from normjax import config as common
 from normjax import variance
+from normjax.data.tokenizers import TokenizerConfig
 
 # The 130m-1b sizes and their lr/steps/warmup are the LLaMA harness shared by the Mix-LN
 # (arXiv:2412.13795) and LayerNorm Scaling (arXiv:2502.05795) papers, itself from GaLore
 # (arXiv:2403.03507): C4, sequence 256, batch 512. 20m/60m are smaller steps of the same ladder.
+# These run on the byte-level standard library; the c4_* variants below are the papers' runs.
 VARIANTS = {
     "tiny": dict(num_layers=4, d_model=128, num_heads=4, seq_len=128, batch_size=16, steps=300,
                  lr=3e-3, warmup_steps=30),  # CPU in about 2 minutes
+    # tiny on BPE tokens: a 1024-token byte-level BPE vocabulary trained on the standard library's
+    # training files (once, cached next to the dataset), documents packed with segment ids
+    "tiny_bpe": dict(num_layers=4, d_model=128, num_heads=4, seq_len=128, batch_size=16, steps=300,
+                     lr=3e-3, warmup_steps=30, tokenizer=dict(kind="hf", train_vocab=1024)),
     "20m": dict(num_layers=6, d_model=384, num_heads=6, seq_len=256, batch_size=64, steps=10_000,
                 lr=1e-3, warmup_steps=1_000),
     "60m": dict(num_layers=8, d_model=512, num_heads=8, seq_len=256, batch_size=256, steps=10_000,
@@ -35,6 +41,29 @@ VARIANTS = {
     "1b": dict(num_layers=24, d_model=2048, num_heads=32, seq_len=256, batch_size=512, steps=100_000,
                lr=5e-4, warmup_steps=1_000),  # Mix-LN / LNS 1B
 }
+# The papers' runs: C4 (en) as JSON Lines (data.files: the c4-train.*.json.gz files you have), T5's
+# SentencePiece vocabulary (data.tokenizer.path: its spiece.model, 32000 tokens), sequence 256,
+# batch 512 (131K tokens per step), Adam without weight decay or clipping, warmup + cosine to 10 %.
+# Widths, depths, heads and SwiGLU widths are GaLore's configs/llama_*.json, which both papers use.
+_C4 = dict(seq_len=256, batch_size=512, data="jsonl", weight_decay=0.0, clip_norm=0.0,
+           tokenizer=dict(kind="sentencepiece"))
+VARIANTS.update({
+    # Mix-LN Table 1: 71M, 1.1B tokens (10K steps of 131K tokens count padding too)
+    "c4_71m": dict(_C4, num_layers=12, d_model=512, num_heads=8, mlp_dim=1368, steps=10_000,
+                   lr=1e-3, warmup_steps=1_000),
+    # Mix-LN Table 1 / LNS Table 1: 130M, 2.2B tokens
+    "c4_130m": dict(_C4, num_layers=12, d_model=768, num_heads=12, mlp_dim=2048, steps=20_000,
+                    lr=1e-3, warmup_steps=2_000),
+    # Mix-LN Table 1 / LNS Table 1: 250M, 3.9B tokens
+    "c4_250m": dict(_C4, num_layers=24, d_model=768, num_heads=16, mlp_dim=2560, steps=40_000,
+                    lr=1e-3, warmup_steps=4_000),
+    # LNS Table 1: 350M, 6.0B tokens (lr 5e-4)
+    "c4_350m": dict(_C4, num_layers=24, d_model=1024, num_heads=16, mlp_dim=2736, steps=60_000,
+                    lr=5e-4, warmup_steps=6_000),
+    # Mix-LN Table 1 (5B tokens) / LNS Table 1 (8.9B tokens): 1B, 100K steps
+    "c4_1b": dict(_C4, num_layers=24, d_model=2048, num_heads=32, mlp_dim=5461, steps=100_000,
+                  lr=5e-4, warmup_steps=1_000),
+})
 
 
 def get_config(arg: str | None = None) -> mlc.ConfigDict:
@@ -51,8 +80,8 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
       d_model=v["d_model"],  # residual width
       num_heads=v["num_heads"],  # attention heads
       num_kv_heads=common.placeholder(int),  # grouped-query heads (None = num_heads)
-      mlp_dim=common.placeholder(int),  # SwiGLU hidden width (None = 8d/3 rounded up to 16)
-      vocab_size=256,  # bytes
+      mlp_dim=common.placeholder(int, v.get("mlp_dim")),  # SwiGLU width (None = 8d/3 rounded up to 16)
+      vocab_size=common.placeholder(int),  # None = the tokenizer's, rounded up to a multiple of 128
       rope_theta=10_000.0,  # rotary embedding base
       tie_embeddings=False,  # head reuses the token embedding
       norm=dict(kind=arg.norm,  # normjax.norms.names()
@@ -73,12 +102,20 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
       compressed=False,  # d-1 stored residual coordinates (with norm crms_norm: Pre-CRMSNorm)
   ))
   c.data = mlc.ConfigDict(dict(
-      name="stdlib_bytes",  # stdlib_bytes, text_files, or a prepared TFDS dataset name
+      # the documents: stdlib_bytes (the Python standard library), text_files, jsonl, parquet, or a
+      # prepared TFDS text dataset name (lm1b, c4, ...); packed with data.tokenizer
+      name=v.get("data", "stdlib_bytes"),
       data_dir="",  # where datasets are built and cached ("" = $NORMJAX_DATA_DIR or ~/.cache/normjax)
       text_dir="",  # text_files: a directory of text files
-      seq_len=v["seq_len"],  # tokens (bytes) per example
+      files=v.get("files", ""),  # jsonl, parquet: a glob of the corpus files (/data/c4/en/c4-train.*.json.gz)
+      text_field="text",  # jsonl, parquet: the field / column holding a document's text
+      on_bad_line="stop",  # jsonl: a corrupt line stops the build (file:line), or "skip" (counted)
+      tokenizer=common.section(TokenizerConfig()),  # kind: bytes, sentencepiece, hf; path; train_vocab
+      seq_len=v["seq_len"],  # tokens per example
+      boundary_loss=False,  # also predict a document's first token from the previous document
       shuffle_seed=0,  # data order; batch(step) depends only on this and the step
   ))
+  c.data.tokenizer.update(v.get("tokenizer", {}))
   c.train = mlc.ConfigDict(dict(
       steps=v["steps"] if arg.steps is None else arg.steps,  # optimizer steps
       batch_size=v["batch_size"],  # global batch (split over the data and fsdp mesh axes)
@@ -93,9 +130,9 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
       b1=0.9,  # AdamW beta1
       b2=0.95,  # AdamW beta2
       eps=1e-8,  # AdamW epsilon
-      weight_decay=0.1,  # decoupled weight decay on the decayed parameters
+      weight_decay=v.get("weight_decay", 0.1),  # decoupled weight decay on the decayed parameters
       decay_norms_and_biases=False,  # also decay norm parameters and dense biases (MaxText, nanodo do)
-      clip_norm=1.0,  # global gradient-norm clip (0 = off)
+      clip_norm=v.get("clip_norm", 1.0),  # global gradient-norm clip (0 = off)
   ))
   # Target Variance Rescaling (arXiv:2503.17500): every, target_std, threshold, per_layer_target,
   # defaults in normjax.variance.TVRConfig.

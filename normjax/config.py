@@ -171,14 +171,22 @@ class Validated(NamedTuple):
   tvr: variance.TVRConfig | None  # None when disabled
 
 
+VOCAB_MULTIPLE = 128
+
+
 def model_config(config: mlc.ConfigDict, data_cfg: data.DataConfig) -> ModelConfig:
   """The ``ModelConfig`` of ``config.model``: the one place None fields that come from the dataset
-  (a ViT's image_size, channels, num_classes; patch_size = image_size // 4) are resolved."""
+  (a LLaMA's vocab_size, rounded up to a multiple of 128; a ViT's image_size, channels,
+  num_classes; patch_size = image_size // 4) are resolved."""
   values = config.model.to_dict()
   expected_kind = "image" if values.get("name") == "vit" else "text"
   if data_cfg.kind != expected_kind:
     raise ConfigError(f"model.name={values.get('name')!r} needs {expected_kind} data, but "
                       f"data.name={data_cfg.name!r} gives {data_cfg.kind}")
+  if expected_kind == "text" and values.get("vocab_size") is None:
+    # the tokenizer's size rounded up to a multiple of 128 (matmul tiles); the extra rows are never
+    # a target, so training only pushes their logits down
+    values["vocab_size"] = -(-data_cfg.vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
   if expected_kind == "image":
     height, _, channels = data_cfg.image_shape
     resolved = {"image_size": height, "channels": channels, "num_classes": data_cfg.num_classes}
@@ -194,7 +202,8 @@ def model_config(config: mlc.ConfigDict, data_cfg: data.DataConfig) -> ModelConf
 
 def _check_against_data(cfg: ModelConfig, d: data.DataConfig) -> None:
   if cfg.name == "llama" and cfg.vocab_size < d.vocab_size:
-    raise ConfigError(f"model.vocab_size={cfg.vocab_size} is smaller than the data's {d.vocab_size}")
+    raise ConfigError(f"model.vocab_size={cfg.vocab_size} is smaller than the tokenizer's vocabulary "
+                      f"of {d.vocab_size} (data.tokenizer); set None to take it from the tokenizer")
   if cfg.name == "vit" and (cfg.image_size, cfg.image_size, cfg.channels) != tuple(d.image_shape):
     raise ConfigError(f"model.image_size={cfg.image_size}, model.channels={cfg.channels} do not match "
                       f"the data's images {tuple(d.image_shape)} (data.name={d.name!r}); set them to "

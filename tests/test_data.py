@@ -19,6 +19,7 @@ import tensorflow_datasets as tfds
 
 from normjax import data
 from normjax.data import batches, builders, corpus
+from normjax.data.tokenizers import Bytes
 
 REPO = Path(__file__).resolve().parents[1]
 SEQ_LEN = 64  # 2049 // 65 = 31 windows per chunk
@@ -62,7 +63,7 @@ def data_dir(tmp_path_factory) -> Path:
 def stdlib(data_dir):
   cfg = make_cfg(data_dir)
   loaded = data.load(cfg, "train", 8)
-  builder = builders.StdlibBytes(data_dir=str(data_dir))
+  builder = builders.StdlibBytes(data_dir=str(data_dir), tokenizer=Bytes())
   return types.SimpleNamespace(cfg=cfg, batches=loaded, builder=builder, root=corpus.stdlib_root())
 
 
@@ -97,7 +98,7 @@ def test_stdlib_splits_are_disjoint_by_file_and_hold_exactly_those_files(stdlib)
 def test_stdlib_batches_are_real_source_text(stdlib):
   x = stdlib.batches.batch(0)
   assert {k: (v.dtype, v.shape) for k, v in x.items()} == {
-      "inputs": (np.int32, (8, SEQ_LEN)), "targets": (np.int32, (8, SEQ_LEN))}
+      k: (np.int32, (8, SEQ_LEN)) for k in ("inputs", "targets", "segment_ids", "positions", "loss_mask")}
   np.testing.assert_array_equal(x["inputs"][:, 1:], x["targets"][:, :-1])
   stream = b"".join(expected_chunks(stdlib.root, stdlib.builder.info.metadata["files"]["train"]))
   text = b""
@@ -116,10 +117,10 @@ def test_stdlib_batches_are_real_source_text(stdlib):
 
 def test_windows_tile_each_chunk(stdlib):
   source = stdlib.builder.as_data_source(split="validation")
-  fetch = batches.chunk_windows(source, SEQ_LEN)
+  fetch = batches.chunk_windows(source, SEQ_LEN, eos=0)
   chunk = source[1]["chunk"].tobytes()
   assert b"".join(windows(fetch(np.arange(31, 62)))) == chunk[:31 * 65]
-  long_fetch = batches.chunk_windows(source, 2048)
+  long_fetch = batches.chunk_windows(source, 2048, eos=0)
   assert windows(long_fetch(np.array([1]))) == [chunk]
 
 
@@ -191,7 +192,7 @@ def test_text_files_split_by_file_and_keyed_by_directory(tmp_path, data_dir):
   cfg = make_cfg(data_dir, name="text_files", text_dir=str(first), seq_len=32)
   info = data.info(cfg)
   assert info["kind"] == "text" and str(first) in info["source"]
-  builder = builders.TextFiles(text_dir=str(first), data_dir=str(data_dir))
+  builder = builders.TextFiles(text_dir=str(first), data_dir=str(data_dir), tokenizer=Bytes())
   meta = builder.info.metadata
   assert meta["files"] == {"train": sorted(train_names), "validation": [valid_name]}
   assert sorted(stored_chunks(builder, "validation")) == sorted(
@@ -203,7 +204,7 @@ def test_text_files_split_by_file_and_keyed_by_directory(tmp_path, data_dir):
   second = tmp_path / "second"
   write_files(second, {"only.txt": ("single file corpus\n" * 2000).encode()})
   data.load(make_cfg(data_dir, name="text_files", text_dir=str(second)), "validation", 4).batch(0)
-  other = builders.TextFiles(text_dir=str(second), data_dir=str(data_dir))
+  other = builders.TextFiles(text_dir=str(second), data_dir=str(data_dir), tokenizer=Bytes())
   assert other.data_dir != builder.data_dir and Path(builder.data_dir).is_dir()
   assert other.info.metadata["split_by"] == "chunk"
   chunks = expected_chunks(str(second), ["only.txt"])
@@ -291,9 +292,14 @@ def test_prepared_tfds_datasets_by_name(tmp_path, data_dir, stdlib):
   TinyTextCorpus(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
   cfg = make_cfg(tmp_path, name="tiny_text_corpus", seq_len=15)
   info = data.info(cfg)
-  assert info["kind"] == "text" and info["num_examples"] == {"train": 3, "validation": 2}
-  rows = windows(data.load(cfg, "validation", 2).batch(0))
-  assert sorted(rows) == sorted(t.encode()[:16].ljust(16, b"\0") for t in TINY_TEXTS["test"])
+  # packed like every text source: the examples' bytes, each ended by EOS (byte 0), in 2049-token
+  # chunks of 2049 // 16 = 128 windows; each split's stream fits one chunk
+  assert info["kind"] == "text" and info["num_examples"] == {"train": 128, "validation": 128}
+  loaded = data.load(cfg, "validation", 128)
+  every = b"".join(windows(loaded._fetch(np.arange(128))))  # in the prepared dataset's stored order
+  documents = [d for d in every.split(b"\0") if d]
+  assert sorted(documents) == sorted(t.encode() for t in TINY_TEXTS["test"])
+  assert every.index(documents[-1]) + len(documents[-1]) == sum(len(t.encode()) + 1 for t in TINY_TEXTS["test"]) - 1
 
   # Our own build read back through the generic path gives the built-in batches.
   generic = make_cfg(data_dir, name="sklearn_digits:1.0.0")

@@ -179,8 +179,9 @@ def test_processes_given_different_configs_are_refused(tmp_path, data_dir):
 def test_users_own_launcher_and_no_process_holds_the_whole_state_or_batch(tmp_path):
   """Also: a dataset not built yet is built once, by process 0, while the other waits."""
   workdir, port, fresh = tmp_path / "run", free_port(), tmp_path / "tfds"
+  shutil.copytree(ROOT / "normjax", tmp_path / "texts")  # a corpus nobody edits during the test
   overrides = {**RUN, "mesh.across_processes": "fsdp", "data.data_dir": str(fresh),
-               "data.name": "text_files", "data.text_dir": str(ROOT / "normjax")}
+               "data.name": "text_files", "data.text_dir": str(tmp_path / "texts")}
   args = [f"{k}={v}" for k, v in overrides.items()]
   processes = [subprocess.Popen([sys.executable, str(ROOT / "tests" / "multihost_worker.py"), str(port), "2",
                                  str(i), str(workdir), str(ROOT / "configs/llama.py"), *args],
@@ -197,7 +198,7 @@ def test_users_own_launcher_and_no_process_holds_the_whole_state_or_batch(tmp_pa
     assert report["held_batch_bytes"] == report["batch_bytes"] // 2
   assert sorted(reports[0]["rows"] + reports[1]["rows"]) == list(range(RUN["train.batch_size"]))
   (built,) = (fresh / "text_files").iterdir()  # one build (its hash folder), complete
-  assert [p.name for p in built.iterdir()] == ["1.0.0"] and not list(fresh.rglob("*incomplete*"))
+  assert [p.name for p in built.iterdir()] == ["2.0.0"] and not list(fresh.rglob("*incomplete*"))
 
 
 # ---------------------------------------------------------------- in-process, no second process

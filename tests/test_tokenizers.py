@@ -75,7 +75,8 @@ def test_a_hugging_face_file_without_an_end_of_document_token_is_refused(tmp_pat
 
 
 @pytest.mark.parametrize("fields, message", [
-    (dict(kind="bpe"), r"data.tokenizer.kind='bpe' is not valid; choose one of \['bytes', 'sentencepiece', 'hf'\]"),
+    (dict(kind="bpe"),
+     r"data.tokenizer.kind='bpe' is not valid; choose one of \['bytes', 'sentencepiece', 'hf'\]"),
     (dict(kind="hf"), r"needs exactly one of data.tokenizer.path .* and data.tokenizer.train_vocab"),
     (dict(kind="sentencepiece", path="/nonexistent/t.model"),
      r"data.tokenizer.path='/nonexistent/t.model': no such file \(a SentencePiece .model\)"),

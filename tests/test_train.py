@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 
@@ -13,7 +14,7 @@ from training import (CLI_ENV, ROOT, SMALL_LLAMA, checkpoint_steps, cli, load_co
                             train_losses, train_losses_or_empty, wait_for)
 
 from normjax.config import ConfigError
-from normjax.data import sources
+from normjax.data import corpus, sources
 from normjax.models import config as model_config_lib
 from normjax.train import NonFiniteLoss, train
 from normjax.train.loop import due
@@ -56,6 +57,27 @@ def test_llama_run_leaves_everything_in_the_workdir(tmp_path, data_dir, monkeypa
   assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [10, 20, 30]
   mask = json.loads((tmp_path / "weight_decay_mask.json").read_text())
   assert mask["embed"] is True and mask["final_norm/scale"] is False
+
+
+def test_tiny_bpe_trains_on_packed_bpe_tokens_and_resumes_bitwise(tmp_path, data_dir):
+  """The README's BPE preset from the command line: a vocabulary trained on the standard library,
+  packed documents with segment ids; the loss falls, and a resumed run repeats it exactly."""
+  overrides = {**SMALL_LLAMA, "train.steps": 24, "ckpt.every": 12, "optim.lr": 1e-2}
+  run = subprocess.run(cli("configs/llama.py:tiny_bpe", overrides, data_dir, tmp_path / "a"),
+                       env=CLI_ENV, capture_output=True, text=True, timeout=600)
+  assert run.returncode == 0, run.stderr[-3000:]
+  assert "hf vocabulary of 1024, packed in 2049-token chunks" in run.stdout
+  assert (data_dir / "tokenizers" / f"{corpus.stdlib_config_name()}-hf-1024.json").is_file()
+  losses = train_losses(tmp_path / "a")
+  assert losses[1] > 6.5 and np.mean([losses[s] for s in range(20, 25)]) < losses[1] - 1.0, losses
+  # resume from step 12 in a copy: steps 13..24 repeat bitwise
+  resumed = tmp_path / "b"
+  shutil.copytree(tmp_path / "a", resumed, ignore=shutil.ignore_patterns(".lock"))
+  shutil.rmtree(resumed / "checkpoints" / "24")
+  again = subprocess.run(cli("configs/llama.py:tiny_bpe", overrides, data_dir, resumed), env=CLI_ENV,
+                         capture_output=True, text=True, timeout=600)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert train_losses(resumed) == losses
 
 
 def test_vit_run_on_local_images(tmp_path, data_dir):

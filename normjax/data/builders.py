@@ -2,9 +2,15 @@
 
 Features are ``tfds.features.Tensor`` with raw-bytes encoding (``tfds.features.Image`` and the
 tfrecord format need TensorFlow); examples are keyed by their generation order, so the stored order
-is the same in every process. Text datasets store ``{"chunk": uint8 [2049]}`` and list their files
-per split in ``info.metadata["files"]``; image datasets store ``{"image": uint8 [H, W, 1],
-"label": int}``.
+is the same in every process.
+
+Text datasets are packed token chunks: every document is tokenized (``data.tokenizer``; batches of
+documents, on the tokenizer library's threads), followed by the tokenizer's EOS, and the stream is
+cut into ``{"chunk": [2049] tokens}`` (``corpus.pack``; uint8 ids for bytes, uint16 up to 65536).
+The config name carries the source's key and the tokenizer's (``tokenizers.cache_suffix``), so a
+changed corpus or vocabulary gets its own cache. Segment ids and positions are not stored: every
+document ends with EOS, so the reader derives them exactly (``batches.chunk_windows``). Image
+datasets store ``{"image": uint8 [H, W, 1], "label": int}``.
 """
 
 from __future__ import annotations
@@ -12,34 +18,60 @@ from __future__ import annotations
 import gzip
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
 
-from normjax.data import corpus
+from normjax.data import corpus, documents
+from normjax.data.tokenizers import Tokenizer, cache_suffix, token_dtype
 
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
                          "Sneaker", "Bag", "Ankle boot")
 Example = tuple[int, dict[str, Any]]  # (key, features) as tfds expects from a generator
 _BYTES = tfds.features.Encoding.BYTES  # raw bytes: 3x faster to write than int64 lists, smaller
+_ENCODE_BATCH = 256  # documents per tokenizer call
 
 
-def _chunk_info(builder: tfds.core.DatasetBuilder, description: str,
-                **metadata: Any) -> tfds.core.DatasetInfo:
+def _chunk_info(builder: "_TextBuilder", description: str, **metadata: Any) -> tfds.core.DatasetInfo:
   # DatasetInfo is built directly: dataset_info_from_configs needs a dataset package with metadata.
-  chunk = tfds.features.Tensor(shape=(corpus.CHUNK_LEN + 1,), dtype=np.uint8, encoding=_BYTES)
+  tok = builder.tokenizer
+  chunk = tfds.features.Tensor(shape=(corpus.CHUNK_LEN + 1,), dtype=token_dtype(tok.vocab_size),
+                               encoding=_BYTES)
+  metadata.update(tokenizer=type(tok).__name__, vocab_size=tok.vocab_size, eos_id=tok.eos_id,
+                  tokenizer_fingerprint=tok.fingerprint)
   return tfds.core.DatasetInfo(builder=builder, description=description,
                                features=tfds.features.FeaturesDict({"chunk": chunk}),
-                               metadata=tfds.core.MetadataDict(metadata))
+                               metadata=tfds.core.MetadataDict(metadata), disable_shuffling=True)
 
 
-def _chunk_splits(builder: tfds.core.GeneratorBasedBuilder, root: str,
-                  relpaths: Sequence[str]) -> dict[str, Iterator[Example]]:
-  """Split the text files by ``corpus.split_of``; if that leaves a split empty (say, a corpus of one
-  file), split the chunks by ``corpus.split_of_chunk`` instead. The rule and the file lists go to
-  ``info.metadata``."""
+def _tokens(tokenizer: Tokenizer, texts: Iterable[str | bytes]) -> Iterator[np.ndarray]:
+  """Each text's ids, tokenized ``_ENCODE_BATCH`` at a time."""
+  batch: list[str | bytes] = []
+  for text in texts:
+    batch.append(text)
+    if len(batch) == _ENCODE_BATCH:
+      yield from tokenizer.encode(batch)
+      batch = []
+  if batch:
+    yield from tokenizer.encode(batch)
+
+
+def _packed_examples(tokenizer: Tokenizer, texts: Iterable[str | bytes], split: str | None = None
+                     ) -> Iterator[Example]:
+  """Chunks of the texts' token stream, keyed by position; only ``split``'s chunks unless None
+  (``corpus.split_of_chunk``)."""
+  dtype = token_dtype(tokenizer.vocab_size)
+  for key, chunk in enumerate(corpus.pack(_tokens(tokenizer, texts), tokenizer.eos_id, dtype)):
+    if split is None or corpus.split_of_chunk(key) == split:
+      yield key, {"chunk": chunk}
+
+
+def file_splits(root: str, relpaths: Sequence[str]) -> tuple[dict[str, list[str]], bool]:
+  """The text files of each split (``corpus.split_of``) and whether the split is by file; when that
+  leaves a split empty (a corpus of one file), every file goes to both and chunks are split by
+  ``corpus.split_of_chunk`` instead."""
   texts = [rel for rel in relpaths if corpus.read_text(os.path.join(root, rel)) is not None]
   if not texts:
     raise ValueError(f"{root}: no text files (files containing NUL bytes count as binary)")
@@ -47,19 +79,11 @@ def _chunk_splits(builder: tfds.core.GeneratorBasedBuilder, root: str,
   for rel in texts:
     files[corpus.split_of(rel)].append(rel)
   by_file = bool(files["train"] and files["validation"])
-  builder.info.metadata.update(root=root, split_by="file" if by_file else "chunk",
-                               files=files if by_file else {split: texts for split in files})
-  if by_file:
-    return {split: builder._generate_examples(root, rels) for split, rels in files.items()}
-  return {split: builder._generate_examples(root, texts, split) for split in files}
+  return (files if by_file else {split: texts for split in files}), by_file
 
 
-def _chunk_examples(root: str, relpaths: Sequence[str], split: str | None) -> Iterator[Example]:
-  """Chunks of the files' byte stream, keyed by position; only ``split``'s chunks unless None."""
-  documents = (corpus.read_text(os.path.join(root, rel)) for rel in relpaths)
-  for key, chunk in enumerate(corpus.chunk_documents(documents)):
-    if split is None or corpus.split_of_chunk(key) == split:
-      yield key, {"chunk": np.frombuffer(chunk, np.uint8)}
+def _file_texts(root: str, relpaths: Sequence[str]) -> Iterator[bytes]:
+  return (corpus.read_text(os.path.join(root, rel)) for rel in relpaths)
 
 
 def _image_info(builder: tfds.core.DatasetBuilder, description: str, shape: tuple[int, int, int],
@@ -83,49 +107,125 @@ class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   code_path = None
 
 
-class StdlibBytes(_Builder):
-  """The running interpreter's standard-library ``*.py`` files as a byte corpus.
+class _TextBuilder(_Builder, skip_registration=True):
+  """A text source packed with ``tokenizer``; ``key`` names the source in the config name. Chunks
+  are stored in stream order (no tfds shuffle), so a document cut between two chunks is stored in
+  consecutive records."""
+  VERSION = tfds.core.Version("2.0.0")  # 2: any tokenizer, stream order (1: bytes, hashed order)
+  RELEASE_NOTES = {"2.0.0": "tokenized with data.tokenizer; chunks in stream order"}
 
-  One config per interpreter (``corpus.stdlib_config_name``): Pythons can share a data_dir.
-  """
-  BUILDER_CONFIGS = [tfds.core.BuilderConfig(
-      name=corpus.stdlib_config_name(),
-      description=f"Python {sys.version.split()[0]} stdlib at {corpus.stdlib_root()}")]
+  def __init__(self, *, tokenizer: Tokenizer, key: str, description: str, **kwargs: Any):
+    self.tokenizer = tokenizer
+    config = tfds.core.BuilderConfig(name=key + cache_suffix(tokenizer), description=description)
+    super().__init__(config=config, **kwargs)
+
+
+class _FilesBuilder(_TextBuilder, skip_registration=True):
+  """Text files as documents, split by file (``file_splits``)."""
+  root: str
+  relpaths: Sequence[str]
+
+  def _split_generators(self, dl_manager: Any) -> dict[str, Any]:
+    files, by_file = file_splits(self.root, self.relpaths)
+    self.info.metadata.update(root=self.root, split_by="file" if by_file else "chunk", files=files)
+    return {split: self._generate_examples(rels, None if by_file else split)
+            for split, rels in files.items()}
+
+  def _generate_examples(self, relpaths: Sequence[str], split: str | None):
+    return _packed_examples(self.tokenizer, _file_texts(self.root, relpaths), split)
+
+
+class StdlibBytes(_FilesBuilder):
+  """The running interpreter's standard-library ``*.py`` files (one config per interpreter and
+  tokenizer: ``corpus.stdlib_config_name``, so Pythons can share a data_dir)."""
+
+  def __init__(self, *, tokenizer: Tokenizer, **kwargs: Any):
+    self.root = corpus.stdlib_root()
+    self.relpaths = corpus.list_stdlib_files(self.root)
+    super().__init__(tokenizer=tokenizer, key=corpus.stdlib_config_name(),
+                     description=f"Python {sys.version.split()[0]} stdlib at {self.root}", **kwargs)
 
   def _info(self) -> tfds.core.DatasetInfo:
     return _chunk_info(self, f"Standard-library sources of Python {sys.version}, without "
-                       "site-packages and test/idlelib directories, as 2049-byte chunks.",
+                       "site-packages and test/idlelib directories, packed in 2049-token chunks.",
                        python=sys.version)
 
-  def _split_generators(self, dl_manager: Any) -> dict[str, Any]:
-    root = corpus.stdlib_root()
-    return _chunk_splits(self, root, corpus.list_stdlib_files(root))
 
-  def _generate_examples(self, root: str, relpaths: Sequence[str], split: str | None = None):
-    return _chunk_examples(root, relpaths, split)
+class TextFiles(_FilesBuilder):
+  """Every text file under a directory (recursive; hidden and binary files skipped). The config
+  name hashes the directory's path and its files' sizes and mtimes (``corpus.directory_key``)."""
 
-
-class TextFiles(_Builder):
-  """Every text file under a directory (recursive; hidden and binary files skipped) as bytes.
-
-  The config name hashes the directory's path and its files' sizes and mtimes
-  (``corpus.directory_key``): each directory, and each edit of it, gets its own cache.
-  """
-  def __init__(self, *, text_dir: str, **kwargs: Any):
-    self._root = os.path.abspath(text_dir)
-    self._relpaths = corpus.list_text_files(self._root)
-    config = tfds.core.BuilderConfig(name=corpus.directory_key(self._root, self._relpaths),
-                                     description=f"text files under {self._root}")
-    super().__init__(config=config, **kwargs)
+  def __init__(self, *, text_dir: str, tokenizer: Tokenizer, **kwargs: Any):
+    self.root = os.path.abspath(text_dir)
+    self.relpaths = corpus.list_text_files(self.root)
+    super().__init__(tokenizer=tokenizer, key=corpus.directory_key(self.root, self.relpaths),
+                     description=f"text files under {self.root}", **kwargs)
 
   def _info(self) -> tfds.core.DatasetInfo:
-    return _chunk_info(self, f"Text files under {self._root} as 2049-byte chunks.")
+    return _chunk_info(self, f"Text files under {self.root}, packed in 2049-token chunks.")
+
+
+class Records(_TextBuilder):
+  """JSON Lines or Parquet files, one document per record (``data.text_field``); a record goes to
+  "validation" iff ``corpus.split_of(its path:line or path:row)`` says so."""
+
+  def __init__(self, *, files: Sequence[str], text_field: str, records_format: str, on_bad_line: str,
+               tokenizer: Tokenizer, **kwargs: Any):
+    self.files, self.text_field, self.records_format = list(files), text_field, records_format
+    self.on_bad_line = on_bad_line
+    super().__init__(tokenizer=tokenizer, key=documents.files_key(self.files, text_field),
+                     description=f"{records_format} files {self.files[:3]}...", **kwargs)
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return _chunk_info(self, f"{len(self.files)} {self.records_format} file(s), field "
+                       f"{self.text_field!r}, packed in 2049-token chunks.", files=self.files)
 
   def _split_generators(self, dl_manager: Any) -> dict[str, Any]:
-    return _chunk_splits(self, self._root, self._relpaths)
+    return {split: self._generate_examples(split) for split in ("train", "validation")}
 
-  def _generate_examples(self, root: str, relpaths: Sequence[str], split: str | None = None):
-    return _chunk_examples(root, relpaths, split)
+  def _generate_examples(self, split: str):
+    texts = (text for doc, text in self.read() if corpus.split_of(doc) == split)
+    return _packed_examples(self.tokenizer, texts)
+
+  def read(self) -> Iterator[tuple[str, str]]:
+    """Every record's (id, text), in file order."""
+    if self.records_format == "parquet":
+      yield from documents.read_parquet(self.files, self.text_field)
+      return
+    skipped = documents.Skipped()
+    yield from documents.read_jsonl(self.files, self.text_field, self.on_bad_line, skipped)
+    if skipped.count:
+      print(f"skipped {skipped.count} bad line(s) (data.on_bad_line='skip'); first: {skipped.first}",
+            file=sys.stderr)
+
+
+class PreparedText(_TextBuilder):
+  """A prepared TFDS dataset with a ``text`` feature (lm1b, c4, wiki40b, ...), its examples packed
+  as documents in their stored order, per split."""
+
+  def __init__(self, *, prepared: Any, splits: dict[str, str], tokenizer: Tokenizer, **kwargs: Any):
+    self.prepared, self.prepared_splits = prepared, splits
+    key = f"{prepared.name}-{prepared.builder_config.name if prepared.builder_config else 'default'}"
+    super().__init__(tokenizer=tokenizer, key=f"{key}-{prepared.version}".replace("/", "-"),
+                     description=f"prepared TFDS {prepared.name} at {prepared.data_dir}", **kwargs)
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return _chunk_info(self, f"The text of prepared TFDS {self.prepared.name}, packed in 2049-token "
+                       "chunks.", prepared=self.prepared.data_dir)
+
+  def _split_generators(self, dl_manager: Any) -> dict[str, Any]:
+    return {split: self._generate_examples(theirs) for split, theirs in self.prepared_splits.items()}
+
+  def _generate_examples(self, split: str):
+    return _packed_examples(self.tokenizer, prepared_texts(self.prepared, split))
+
+
+def prepared_texts(prepared: Any, split: str) -> Iterator[str | bytes]:
+  """The ``text`` of every example of a prepared dataset's ``split``, in stored order."""
+  source = prepared.as_data_source(split=split)
+  for start in range(0, len(source), 1024):
+    for record in source.__getitems__(list(range(start, min(start + 1024, len(source))))):
+      yield record["text"]
 
 
 class FashionMnistDeb(_Builder):
@@ -173,5 +273,5 @@ class SklearnDigits(_Builder):
 
 
 BUILDERS: dict[str, type[tfds.core.GeneratorBasedBuilder]] = {
-    "stdlib_bytes": StdlibBytes, "text_files": TextFiles, "fashion_mnist_deb": FashionMnistDeb,
-    "sklearn_digits": SklearnDigits}
+    "stdlib_bytes": StdlibBytes, "text_files": TextFiles, "jsonl": Records, "parquet": Records,
+    "fashion_mnist_deb": FashionMnistDeb, "sklearn_digits": SklearnDigits}

@@ -1,4 +1,5 @@
-"""Raw sources on local disk: file listings, the split rule, byte chunking, Fashion-MNIST lookup.
+"""Raw sources on local disk: file listings, the split rule, packing tokens into chunks, Fashion-MNIST
+lookup.
 
 No tensorflow_datasets here, so ``resolve_name`` and ``validate`` work where tfds is not installed.
 """
@@ -12,9 +13,12 @@ import sys
 import sysconfig
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
 
 CHUNK_LEN = 2048  # longest usable seq_len: each stored chunk is CHUNK_LEN + 1 bytes
-SEPARATOR = b"\0"  # ends every file in the byte stream; text files never contain it
+SEPARATOR = b"\0"  # ends every file in the byte stream (the bytes tokenizer's EOS); text never has it
 VALIDATION_MODULUS = 20  # crc32(relative path) % 20 == 0 -> validation (~5% of files)
 STDLIB_SKIP_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idlelib"})
 FASHION_MNIST_PACKAGE = "dataset-fashion-mnist"
@@ -91,21 +95,28 @@ def read_text(path: str) -> bytes | None:
   return None if SEPARATOR in data else data
 
 
-def chunk_documents(documents: Iterable[bytes]) -> Iterator[bytes]:
-  """Cut the stream ``doc_0 + b"\\0" + doc_1 + b"\\0" + ...`` into ``CHUNK_LEN + 1``-byte chunks.
+def pack(documents: Iterable[np.ndarray], eos: int, dtype: Any) -> Iterator[np.ndarray]:
+  """Cut the token stream ``doc_0 + [eos] + doc_1 + [eos] + ...`` into ``CHUNK_LEN + 1``-token
+  chunks (``dtype [CHUNK_LEN + 1]``): documents are concatenated and split across chunks.
 
-  Streams, so a corpus larger than memory works. The last chunk is padded with b"\\0"; no byte is
-  dropped.
+  Streams, so a corpus larger than memory works. The last chunk is padded with ``eos``; no token is
+  dropped. For bytes (eos 0) this is the byte stream of the files, each followed by b"\\0".
   """
   size = CHUNK_LEN + 1
-  buffer = bytearray()
+  pending: list[np.ndarray] = []
+  length = 0
+  end = np.asarray([eos], dtype)
   for document in documents:
-    buffer += document + SEPARATOR
-    while len(buffer) >= size:
-      yield bytes(buffer[:size])
-      del buffer[:size]  # O(1) for a bytearray prefix, so long files stay linear
-  if buffer:
-    yield bytes(buffer.ljust(size, SEPARATOR))
+    pending += [np.asarray(document, dtype), end]
+    length += len(document) + 1
+    if length >= size:
+      stream = np.concatenate(pending)
+      whole = len(stream) // size * size
+      yield from stream[:whole].reshape(-1, size)
+      pending, length = [stream[whole:]], len(stream) - whole
+  if length:
+    stream = np.concatenate(pending)
+    yield np.concatenate([stream, np.full(size - len(stream), eos, dtype)])
 
 
 def fashion_mnist_files(dpkg_info: str = _DPKG_INFO,

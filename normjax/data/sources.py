@@ -19,16 +19,16 @@ from typing import Any
 
 import numpy as np
 
-from normjax.data import batches, corpus
+from normjax.data import batches, corpus, packed
+from normjax.data.tokenizers import TokenizerConfig
 from normjax.validation import ConfigError, closest
 
-DATASETS = ("stdlib_bytes", "text_files", "fashion_mnist_deb", "sklearn_digits")
-TEXT_DATASETS = ("stdlib_bytes", "text_files")
+DATASETS = ("stdlib_bytes", "text_files", "jsonl", "parquet", "fashion_mnist_deb", "sklearn_digits")
+TEXT_DATASETS = ("stdlib_bytes", "text_files", "jsonl", "parquet")
 # (image shape, classes) of the built-in image datasets, known without building them
 IMAGE_DATASETS = {"fashion_mnist_deb": ((28, 28, 1), 10), "sklearn_digits": ((8, 8, 1), 10)}
 AUTO_IMAGES = "auto_images"
 SPLITS = ("train", "validation")
-VOCAB_SIZE = 256  # bytes
 _DEFAULT_DATA_DIR = "~/.cache/normjax/tensorflow_datasets"
 
 
@@ -41,7 +41,13 @@ class DataConfig:
   kind: str  # "text" or "image"
   seq_len: int | None = None  # text: tokens per example
   text_dir: str | None = None  # text_files: the directory
-  vocab_size: int | None = None  # text
+  vocab_size: int | None = None  # text: the tokenizer's
+  tokenizer: TokenizerConfig = TokenizerConfig()
+  eos_id: int | None = None  # text: ends every document
+  files: tuple[str, ...] = ()  # jsonl, parquet: the matched files
+  text_field: str = "text"  # jsonl, parquet: the record field / column holding the text
+  on_bad_line: str = "stop"  # jsonl: "stop" at a corrupt line, or "skip" it (counted)
+  boundary_loss: bool = False  # text: also predict a document's first token from the one before
   image_shape: tuple[int, int, int] | None = None  # image: (H, W, C)
   num_classes: int | None = None  # image
 
@@ -123,8 +129,7 @@ def validate(cfg: Any) -> DataConfig:
                       "'sklearn_digits'")
   common = dict(name=name, data_dir=root, shuffle_seed=seed, text_dir=text_dir or None)
   if name in TEXT_DATASETS:
-    return DataConfig(kind="text", seq_len=_check_seq_len(cfg.get("seq_len"), corpus.CHUNK_LEN),
-                      vocab_size=VOCAB_SIZE, **common)
+    return _text_config(cfg, common)
   if name in IMAGE_DATASETS:
     shape, classes = IMAGE_DATASETS[name]
     return DataConfig(kind="image", image_shape=shape, num_classes=classes, **common)
@@ -135,11 +140,16 @@ def validate(cfg: Any) -> DataConfig:
   kind = _generic_kind(name, builder)
   _split_names(builder)
   if kind == "text":
-    return DataConfig(kind="text", seq_len=_check_seq_len(cfg.get("seq_len"), None),
-                      vocab_size=VOCAB_SIZE, **common)
+    return _text_config(cfg, common)
   features = builder.info.features
   return DataConfig(kind="image", image_shape=tuple(features["image"].shape),
                     num_classes=features["label"].num_classes, **common)
+
+
+def _text_config(cfg: Any, common: dict[str, Any]) -> DataConfig:
+  text = packed.validate(cfg, common["name"])
+  return DataConfig(kind="text", seq_len=_check_seq_len(cfg.get("seq_len"), corpus.CHUNK_LEN),
+                    **common, **dataclasses.asdict(text) | {"tokenizer": text.tokenizer})
 
 
 def _check_text_dir(text_dir: str | None) -> None:
@@ -169,43 +179,69 @@ class _Opened:
   kind: str  # "text" or "image"
   builder: Any  # tfds DatasetBuilder, prepared
   splits: dict[str, str]  # our split name -> the dataset's
-  builtin: bool
 
 
 def _open(cfg: DataConfig) -> _Opened:
-  """The dataset of a validated config, building a built-in one into data_dir on first use."""
+  """The dataset of a validated config, building it into data_dir on first use: a built-in one, or
+  the packed text of any text source (a prepared TFDS text dataset too)."""
   name, root = cfg.name, cfg.data_dir
+  prepared = None
   if name not in DATASETS:
     builder = _prepared_builder(name, root)
-    return _Opened(name, cfg.kind, builder, _split_names(builder), False)
+    prepared = _Opened(name, cfg.kind, builder, _split_names(builder))
+    if cfg.kind == "image":
+      return prepared
   from normjax.data import builders  # imports tensorflow_datasets
-  kwargs = {"text_dir": cfg.text_dir} if name == "text_files" else {}
-  builder = builders.BUILDERS[name](data_dir=root, file_format="array_record", **kwargs)
+  kwargs: dict[str, Any] = {}
+  if cfg.kind == "text":
+    kwargs["tokenizer"] = packed.tokenizer(cfg, prepared)
+  if name == "text_files":
+    kwargs["text_dir"] = cfg.text_dir
+  if name in packed.RECORD_FORMATS:
+    kwargs.update(files=cfg.files, text_field=cfg.text_field, records_format=name,
+                  on_bad_line=cfg.on_bad_line)
+  if prepared is not None:
+    builder = builders.PreparedText(prepared=prepared.builder, splits=prepared.splits,
+                                    data_dir=os.path.join(root, "packed"), file_format="array_record",
+                                    **kwargs)
+  else:
+    builder = builders.BUILDERS[name](data_dir=root, file_format="array_record", **kwargs)
   if not builder.is_prepared():
-    builder.download_and_prepare()
-  return _Opened(name, cfg.kind, builder, {s: s for s in SPLITS}, True)
+    try:
+      builder.download_and_prepare()
+    except AssertionError as error:  # tfds refuses to write a split without examples
+      if "No examples were yielded" not in str(error):
+        raise
+      raise ConfigError(f"data.name={name!r}: {error} (about 1 in 20 documents goes to validation, by "
+                        "a hash of its name); give the source more documents") from None
+  return _Opened(name, cfg.kind, builder, {s: s for s in SPLITS})
 
 
 def _num_examples(opened: _Opened, split: str, cfg: DataConfig) -> int:
   stored = opened.builder.info.splits[opened.splits[split]].num_examples
-  if opened.kind == "text" and opened.builtin:
-    return stored * batches.windows_per_chunk(cfg.seq_len)
-  return stored
+  return stored * batches.windows_per_chunk(cfg.seq_len) if opened.kind == "text" else stored
 
 
-def _source(opened: _Opened) -> str:
+def _source(opened: _Opened, cfg: DataConfig) -> str:
   info = opened.builder.info
-  if opened.builtin and opened.kind == "text":
-    files = info.metadata["files"]
+  if opened.kind == "image":
+    where = opened.builder.data_dir
+    return (f"{opened.name}: {info.description} Cached at {where}" if opened.name in DATASETS else
+            f"prepared TFDS dataset {opened.name!r} at {where} (splits {opened.splits})")
+  tok = cfg.tokenizer
+  vocabulary = "bytes" if tok.kind == "bytes" else f"{tok.kind} vocabulary of {cfg.vocab_size}"
+  files = info.metadata.get("files")
+  if opened.name in ("stdlib_bytes", "text_files"):
     what = (f"Python {info.metadata['python'].split()[0]} standard library"
             if opened.name == "stdlib_bytes" else "text files")
-    return (f"{what} under {info.metadata['root']} ({len(files['train'])} train / "
-            f"{len(files['validation'])} validation files, split by {info.metadata['split_by']}, "
-            f"bytes in {corpus.CHUNK_LEN + 1}-byte chunks), cached at {opened.builder.data_dir}")
-  if opened.builtin:
-    return f"{opened.name}: {info.description} Cached at {opened.builder.data_dir}"
-  return (f"prepared TFDS dataset {opened.name!r} at {opened.builder.data_dir} "
-          f"(splits {opened.splits})")
+    what += (f" under {info.metadata['root']} ({len(files['train'])} train / "
+             f"{len(files['validation'])} validation files, split by {info.metadata['split_by']})")
+  elif opened.name in packed.RECORD_FORMATS:
+    what = f"{len(cfg.files)} {opened.name} file(s), field {cfg.text_field!r}"
+  else:
+    what = f"prepared TFDS dataset {opened.name!r} ({info.metadata['prepared']})"
+  return (f"{what}; {vocabulary}, packed in {corpus.CHUNK_LEN + 1}-token chunks, cached at "
+          f"{opened.builder.data_dir}")
 
 
 def info(cfg: DataConfig | Any) -> dict[str, Any]:
@@ -220,7 +256,7 @@ def info(cfg: DataConfig | Any) -> dict[str, Any]:
     out["image_shape"] = cfg.image_shape
     out["num_classes"] = cfg.num_classes
   out["num_examples"] = {split: _num_examples(opened, split, cfg) for split in SPLITS}
-  out["source"] = _source(opened)
+  out["source"] = _source(opened, cfg)
   return out
 
 
@@ -236,9 +272,7 @@ def load(cfg: DataConfig | Any, split: str, batch_size: int) -> batches.StepInde
   source = opened.builder.as_data_source(split=opened.splits[split])
   if opened.kind == "image":
     fetch = batches.image_examples(source)
-  elif opened.builtin:
-    fetch = batches.chunk_windows(source, cfg.seq_len)
   else:
-    fetch = batches.text_examples(source, cfg.seq_len)
+    fetch = batches.chunk_windows(source, cfg.seq_len, cfg.eos_id, cfg.boundary_loss)
   return batches.StepIndexedBatches(_num_examples(opened, split, cfg), batch_size,
                                     cfg.shuffle_seed, fetch)

@@ -72,8 +72,8 @@ class Tokenizer(abc.ABC):
   fingerprint: str  # identifies the vocabulary: the file's SHA-256, or "bytes"
 
   @abc.abstractmethod
-  def encode(self, texts: Sequence[str]) -> list[np.ndarray]:
-    """Each text's ids, ``int32 [n_i]``."""
+  def encode(self, texts: Sequence[str | bytes]) -> list[np.ndarray]:
+    """Each text's ids, ``int32 [n_i]`` (bytes are read as UTF-8, undecodable bytes replaced)."""
 
   @abc.abstractmethod
   def decode(self, ids: Sequence[int]) -> str:
@@ -83,11 +83,16 @@ class Tokenizer(abc.ABC):
 class Bytes(Tokenizer):
   vocab_size, eos_id, bos_id, fingerprint = 256, 0, None, "bytes"
 
-  def encode(self, texts: Sequence[str]) -> list[np.ndarray]:
-    return [np.frombuffer(t.encode(), np.uint8).astype(np.int32) for t in texts]
+  def encode(self, texts: Sequence[str | bytes]) -> list[np.ndarray]:
+    return [np.frombuffer(t if isinstance(t, bytes) else t.encode(), np.uint8).astype(np.int32)
+            for t in texts]
 
   def decode(self, ids: Sequence[int]) -> str:
     return bytes(int(i) for i in ids if i != self.eos_id).decode(errors="replace")
+
+
+def _str(text: str | bytes) -> str:
+  return text.decode("utf-8", errors="replace") if isinstance(text, bytes) else text
 
 
 def _sha256(path: str) -> str:
@@ -112,8 +117,9 @@ class SentencePiece(Tokenizer):
     self.bos_id = self.sp.bos_id() if self.sp.bos_id() >= 0 else None
     self.fingerprint = _sha256(path)
 
-  def encode(self, texts: Sequence[str]) -> list[np.ndarray]:
-    return [np.asarray(ids, np.int32) for ids in self.sp.encode(list(texts), num_threads=os.cpu_count())]
+  def encode(self, texts: Sequence[str | bytes]) -> list[np.ndarray]:
+    ids = self.sp.encode([_str(t) for t in texts], num_threads=os.cpu_count())
+    return [np.asarray(i, np.int32) for i in ids]
 
   def decode(self, ids: Sequence[int]) -> str:
     return self.sp.decode([int(i) for i in ids])
@@ -136,12 +142,26 @@ class HuggingFace(Tokenizer):
     self.eos_id, self.bos_id = vocab[eos], (vocab[bos] if bos else None)
     self.fingerprint = _sha256(path)
 
-  def encode(self, texts: Sequence[str]) -> list[np.ndarray]:
+  def encode(self, texts: Sequence[str | bytes]) -> list[np.ndarray]:
     # encode_batch runs on the library's own threads
-    return [np.asarray(e.ids, np.int32) for e in self.tok.encode_batch(list(texts), add_special_tokens=False)]
+    encoded = self.tok.encode_batch([_str(t) for t in texts], add_special_tokens=False)
+    return [np.asarray(e.ids, np.int32) for e in encoded]
 
   def decode(self, ids: Sequence[int]) -> str:
     return self.tok.decode([int(i) for i in ids])
+
+
+def cache_suffix(tokenizer: Tokenizer) -> str:
+  """What a dataset's cache name adds for its tokenizer: nothing for bytes (the byte datasets keep
+  their names), else the kind and the vocabulary file's hash."""
+  if isinstance(tokenizer, Bytes):
+    return ""
+  return f"-{'sp' if isinstance(tokenizer, SentencePiece) else 'hf'}{tokenizer.fingerprint[:16]}"
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+  """The smallest unsigned dtype that stores ids below ``vocab_size``."""
+  return np.dtype(np.uint8 if vocab_size <= 256 else np.uint16 if vocab_size <= 65536 else np.uint32)
 
 
 def load(cfg: TokenizerConfig, path: str | None = None) -> Tokenizer:

@@ -119,7 +119,8 @@ class Attention(nnx.Module):
   """Multi-head attention with optional grouped-query heads and RoPE; ``[B, T, w] -> [B, T, w]``.
 
   ``w`` is the stored residual width (d, or d-1 for compressed models). Attention runs through
-  ``jax.nn.dot_product_attention`` (the cuDNN path on GPU).
+  ``jax.nn.dot_product_attention`` (its default, XLA implementation; the cuDNN one takes no segment
+  mask), causal and, for packed rows, within each document (``Segments``).
   """
 
   def __init__(self, cfg: Any, stds: dict[str, Any], rngs: nnx.Rngs, weight_norm: str | None = None):

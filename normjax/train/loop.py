@@ -188,6 +188,8 @@ class _Run:
     self.writer = distributed.everywhere("writer", lambda: Writer(wd.path, self.start, self.primary))
     cleanup.callback(self.writer.close)
     distributed.on_primary("announce", lambda: self._announce(info, restored))
+    self.train_feed = data.Prefetched(self.train_data, self.sharded.rows.rows)
+    cleanup.callback(self.train_feed.close)
     self.bar = tqdm.tqdm(total=self.total, initial=self.start, desc="train", dynamic_ncols=True,
                          disable=not self.primary)
     cleanup.callback(self.bar.close)
@@ -222,8 +224,7 @@ class _Run:
       for index in range(self.start, self.total):
         step = index + 1
         collect = due(step, config.stats.every, first=True) if config.stats.every else False
-        rows = self.sharded.rows
-        batch = rows.put(self.train_data.batch(index, rows.rows))
+        batch = self.sharded.rows.put(self.train_feed.get(index))  # read while earlier steps run
         self.state, metrics = compiled.train_step(collect)(self.state, batch)
         if pending is not None:  # read the previous step while this one runs
           self._process(*pending)

@@ -55,7 +55,10 @@ def task_loss(logits: Array, batch: dict[str, Array]) -> tuple[Array, dict[str, 
     if "loss_mask" not in batch:
       return per_token.mean(), {}
     mask = batch["loss_mask"].astype(jnp.float32)
-    return jnp.sum(per_token * mask) / jnp.maximum(jnp.sum(mask), 1.0), {}
+    # one reduction of both sums: over a sharded batch that is one all-reduce. Two independent ones
+    # may run in different orders on different CPU devices, which deadlocks XLA's CPU collectives.
+    total, count = jnp.sum(jnp.stack([per_token * mask, mask]).reshape(2, -1), axis=1)
+    return total / jnp.maximum(count, 1.0), {}
   loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"]).mean()
   return loss, {"accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["labels"])}
 
