@@ -191,3 +191,21 @@ def test_a_source_whose_every_record_was_skipped_is_refused_by_name(tmp_path):
   with pytest.raises(ConfigError, match=r"data.name='jsonl': Failed to finalize writing of split "
                                         r"\"(train|validation)\": No examples were yielded. \(about 1 in 20"):
     data.info(c)
+
+
+def test_a_vocabulary_trained_on_json_lines_reads_the_training_records_only(tmp_path):
+  write_jsonl(tmp_path / "a.jsonl", DOCS)
+  c = cfg(tmp_path / "tfds", files=str(tmp_path / "a.jsonl"),
+          tokenizer=dict(kind="sentencepiece", path="", train_vocab=320))
+  info = data.info(c)
+  (trained,) = (tmp_path / "tfds" / "tokenizers").iterdir()
+  assert trained.name.endswith("-sentencepiece-320.model") and "vocabulary of 320" in info["source"]
+  tok = tokenizers.load(tokenizers.TokenizerConfig(kind="sentencepiece", path=str(trained)))
+  # every validation record decodes exactly from the packed stream
+  source = sources._open(data.validate(c)).builder.as_data_source(split="validation")  # noqa: SLF001
+  ids = np.concatenate([r["chunk"] for r in source.__getitems__(list(range(len(source))))])
+  parts = np.split(ids, np.flatnonzero(ids == tok.eos_id))
+  texts = [tok.decode(part[part != tok.eos_id]) for part in parts]
+  expected = [d for i, d in enumerate(DOCS)
+              if corpus.split_of(f"{tmp_path / 'a.jsonl'}:{i + 1}") == "validation"]
+  assert [t for t in texts if t] == expected

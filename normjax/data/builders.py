@@ -82,7 +82,8 @@ def file_splits(root: str, relpaths: Sequence[str]) -> tuple[dict[str, list[str]
   return (files if by_file else {split: texts for split in files}), by_file
 
 
-def _file_texts(root: str, relpaths: Sequence[str]) -> Iterator[bytes]:
+def file_texts(root: str, relpaths: Sequence[str]) -> Iterator[bytes]:
+  """The bytes of each text file, in order."""
   return (corpus.read_text(os.path.join(root, rel)) for rel in relpaths)
 
 
@@ -132,7 +133,7 @@ class _FilesBuilder(_TextBuilder, skip_registration=True):
             for split, rels in files.items()}
 
   def _generate_examples(self, relpaths: Sequence[str], split: str | None):
-    return _packed_examples(self.tokenizer, _file_texts(self.root, relpaths), split)
+    return _packed_examples(self.tokenizer, file_texts(self.root, relpaths), split)
 
 
 class StdlibBytes(_FilesBuilder):
@@ -184,19 +185,9 @@ class Records(_TextBuilder):
     return {split: self._generate_examples(split) for split in ("train", "validation")}
 
   def _generate_examples(self, split: str):
-    texts = (text for doc, text in self.read() if corpus.split_of(doc) == split)
+    texts = (text for doc, text in documents.read(self.records_format, self.files, self.text_field,
+                                                   self.on_bad_line) if corpus.split_of(doc) == split)
     return _packed_examples(self.tokenizer, texts)
-
-  def read(self) -> Iterator[tuple[str, str]]:
-    """Every record's (id, text), in file order."""
-    if self.records_format == "parquet":
-      yield from documents.read_parquet(self.files, self.text_field)
-      return
-    skipped = documents.Skipped()
-    yield from documents.read_jsonl(self.files, self.text_field, self.on_bad_line, skipped)
-    if skipped.count:
-      print(f"skipped {skipped.count} bad line(s) (data.on_bad_line='skip'); first: {skipped.first}",
-            file=sys.stderr)
 
 
 class PreparedText(_TextBuilder):

@@ -16,6 +16,7 @@ import gzip
 import hashlib
 import json
 import os
+import sys
 from collections.abc import Iterator, Sequence
 from typing import IO, Any
 
@@ -134,3 +135,17 @@ def read_parquet(paths: Sequence[str], field: str) -> Iterator[tuple[str, str]]:
         if text is not None:
           yield f"{path}:{row}", text
         row += 1
+
+
+def read(records_format: str, paths: Sequence[str], field: str, on_bad_line: str
+         ) -> Iterator[tuple[str, str]]:
+  """Every record's (id, text) of ``jsonl`` or ``parquet`` files, in file order; skipped JSON lines
+  are counted and reported on stderr at the end."""
+  if records_format == "parquet":
+    yield from read_parquet(paths, field)
+    return
+  skipped = Skipped()
+  yield from read_jsonl(paths, field, on_bad_line, skipped)
+  if skipped.count:
+    print(f"skipped {skipped.count} bad line(s) (data.on_bad_line='skip'); first: {skipped.first}",
+          file=sys.stderr)

@@ -90,12 +90,10 @@ def _training_lines(cfg: Any, prepared: Any) -> Iterator[str]:
     root = corpus.stdlib_root() if cfg.name == "stdlib_bytes" else os.path.abspath(cfg.text_dir)
     relpaths = corpus.list_stdlib_files(root) if cfg.name == "stdlib_bytes" else corpus.list_text_files(root)
     files, _ = builders.file_splits(root, relpaths)
-    texts: Iterator[Any] = builders._file_texts(root, files["train"])  # noqa: SLF001
+    texts: Iterator[Any] = builders.file_texts(root, files["train"])
   elif cfg.name in RECORD_FORMATS:
-    records = builders.Records(files=cfg.files, text_field=cfg.text_field, records_format=cfg.name,
-                               on_bad_line=cfg.on_bad_line, tokenizer=tokenizers.Bytes(),
-                               data_dir=cfg.data_dir)
-    texts = (text for doc, text in records.read() if corpus.split_of(doc) == "train")
+    texts = (text for doc, text in documents.read(cfg.name, cfg.files, cfg.text_field, cfg.on_bad_line)
+             if corpus.split_of(doc) == "train")
   else:
     texts = builders.prepared_texts(prepared.builder, prepared.splits["train"])
   lines = (line for text in texts
