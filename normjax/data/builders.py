@@ -141,9 +141,8 @@ class StdlibBytes(_FilesBuilder):
   tokenizer: ``corpus.stdlib_config_name``, so Pythons can share a data_dir)."""
 
   def __init__(self, *, tokenizer: Tokenizer, **kwargs: Any):
-    self.root = corpus.stdlib_root()
-    self.relpaths = corpus.list_stdlib_files(self.root)
-    super().__init__(tokenizer=tokenizer, key=corpus.stdlib_config_name(),
+    self.root, self.relpaths, key = corpus.file_source("stdlib_bytes")
+    super().__init__(tokenizer=tokenizer, key=key,
                      description=f"Python {sys.version.split()[0]} stdlib at {self.root}", **kwargs)
 
   def _info(self) -> tfds.core.DatasetInfo:
@@ -157,10 +156,9 @@ class TextFiles(_FilesBuilder):
   name hashes the directory's path and its files' sizes and mtimes (``corpus.directory_key``)."""
 
   def __init__(self, *, text_dir: str, tokenizer: Tokenizer, **kwargs: Any):
-    self.root = os.path.abspath(text_dir)
-    self.relpaths = corpus.list_text_files(self.root)
-    super().__init__(tokenizer=tokenizer, key=corpus.directory_key(self.root, self.relpaths),
-                     description=f"text files under {self.root}", **kwargs)
+    self.root, self.relpaths, key = corpus.file_source("text_files", text_dir)
+    super().__init__(tokenizer=tokenizer, key=key, description=f"text files under {self.root}",
+                     **kwargs)
 
   def _info(self) -> tfds.core.DatasetInfo:
     return _chunk_info(self, f"Text files under {self.root}, packed in 2049-token chunks.")

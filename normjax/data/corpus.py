@@ -88,6 +88,17 @@ def directory_key(root: str, relpaths: Sequence[str]) -> str:
   return "dir-" + digest.hexdigest()[:16]
 
 
+def file_source(name: str, text_dir: str | None = None) -> tuple[str, list[str], str]:
+  """(root, sorted relative paths, cache key) of a file source: ``stdlib_bytes`` (keyed by the
+  interpreter) or ``text_files`` under ``text_dir`` (keyed by ``directory_key``)."""
+  if name == "stdlib_bytes":
+    root = stdlib_root()
+    return root, list_stdlib_files(root), stdlib_config_name()
+  root = os.path.abspath(text_dir or "")
+  relpaths = list_text_files(root)
+  return root, relpaths, directory_key(root, relpaths)
+
+
 def read_text(path: str) -> bytes | None:
   """The file's raw bytes, or None for a binary file (one containing a NUL byte)."""
   with open(path, "rb") as f:

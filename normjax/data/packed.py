@@ -23,6 +23,7 @@ from normjax.data import corpus, documents, tokenizers
 from normjax.data.tokenizers import TokenizerConfig
 from normjax.validation import BOOLEANS, ConfigError, check_choice
 
+FILE_SOURCES = ("stdlib_bytes", "text_files")
 RECORD_FORMATS = ("jsonl", "parquet")
 TRAINED_EOS = {"sentencepiece": 2, "hf": 0}  # the EOS id of a vocabulary ``tokenizers.train`` writes
 TRAIN_LINES = 2_000_000  # lines of the training split a vocabulary is trained on, at most
@@ -73,11 +74,8 @@ def validate(cfg: Any, name: str) -> TextSettings:
 
 def source_key(cfg: Any) -> str:
   """The name of a validated text config's source, as its cache names use it."""
-  if cfg.name == "stdlib_bytes":
-    return corpus.stdlib_config_name()
-  if cfg.name == "text_files":
-    root = os.path.abspath(cfg.text_dir)
-    return corpus.directory_key(root, corpus.list_text_files(root))
+  if cfg.name in FILE_SOURCES:
+    return corpus.file_source(cfg.name, cfg.text_dir)[2]
   if cfg.name in RECORD_FORMATS:
     return documents.files_key(cfg.files, cfg.text_field)
   return cfg.name.replace("/", "-").replace(":", "-")
@@ -86,9 +84,8 @@ def source_key(cfg: Any) -> str:
 def _training_lines(cfg: Any, prepared: Any) -> Iterator[str]:
   """Lines of the training split's documents, as the vocabulary is trained on them."""
   from normjax.data import builders
-  if cfg.name in ("stdlib_bytes", "text_files"):
-    root = corpus.stdlib_root() if cfg.name == "stdlib_bytes" else os.path.abspath(cfg.text_dir)
-    relpaths = corpus.list_stdlib_files(root) if cfg.name == "stdlib_bytes" else corpus.list_text_files(root)
+  if cfg.name in FILE_SOURCES:
+    root, relpaths, _ = corpus.file_source(cfg.name, cfg.text_dir)
     files, _ = builders.file_splits(root, relpaths)
     texts: Iterator[Any] = builders.file_texts(root, files["train"])
   elif cfg.name in RECORD_FORMATS:

@@ -231,7 +231,7 @@ def _source(opened: _Opened, cfg: DataConfig) -> str:
   tok = cfg.tokenizer
   vocabulary = "bytes" if tok.kind == "bytes" else f"{tok.kind} vocabulary of {cfg.vocab_size}"
   files = info.metadata.get("files")
-  if opened.name in ("stdlib_bytes", "text_files"):
+  if opened.name in packed.FILE_SOURCES:
     what = (f"Python {info.metadata['python'].split()[0]} standard library"
             if opened.name == "stdlib_bytes" else "text files")
     what += (f" under {info.metadata['root']} ({len(files['train'])} train / "
