@@ -1,12 +1,16 @@
-r"""LLaMA on a byte-level corpus (the CPython standard library sources by default: no download).
+r"""LLaMA and GPT-2 decoders on a byte-level corpus (the CPython standard library sources by
+default: no download).
 
 Launch:
   python -m normjax.train --config=configs/llama.py:tiny --workdir=runs/llama_tiny
   python -m normjax.train --config=configs/llama.py:130m,norm=layer_norm,placement=mix --workdir=runs/x
   python -m normjax.train --config=configs/llama.py:tiny --config.model.norm.kind=dyt \
       --config.train.steps=100 --workdir=runs/dyt
+  python -m normjax.train --config=configs/llama.py:gpt2_tiny --workdir=runs/gpt2_tiny
+  python -m normjax.train --config=configs/llama.py:tiny --config.train.init_from=hf/llama-dir \
+      --workdir=runs/finetune   # start from a Hugging Face directory or a normjax checkpoint
 
-Argument keys: variant (a key of VARIANTS), norm, placement, depth, init, dtype, steps, impl (norm
+Argument keys: variant (a key of VARIANTS), norm (unset: the variant's family's), placement, depth, init, dtype, steps, impl (norm
 kernels: auto, xla, pallas). depth and steps left unset mean the variant's. Every section the run
 reads is below; any field can be overridden with --config.<section>.<field>=value.
 """
@@ -41,6 +45,15 @@ VARIANTS = {
     "1b": dict(num_layers=24, d_model=2048, num_heads=32, seq_len=256, batch_size=512, steps=100_000,
                lr=5e-4, warmup_steps=1_000),  # Mix-LN / LNS 1B
 }
+# GPT-2 (Radford et al. 2019): learned absolute positions, tanh-GELU MLP of width 4d, biases on every
+# dense layer, LayerNorm with bias (eps 1e-5), head tied to the token embedding. gpt2_124m is GPT-2
+# small's shape; on the byte-level corpus its vocabulary is the tokenizer's, not GPT-2's 50257.
+_GPT2 = dict(name="gpt2", norm="layer_norm", norm_options={"eps": 1e-5}, tie_embeddings=True)
+VARIANTS.update({
+    "gpt2_tiny": dict(VARIANTS["tiny"], **_GPT2),
+    "gpt2_124m": dict(_GPT2, num_layers=12, d_model=768, num_heads=12, seq_len=1024, batch_size=512,
+                      steps=20_000, lr=6e-4, warmup_steps=2_000),
+})
 # The papers' runs: C4 (en) as JSON Lines (data.files: the c4-train.*.json.gz files you have), T5's
 # SentencePiece vocabulary (data.tokenizer.path: its spiece.model, 32000 tokens), sequence 256,
 # batch 512 (131K tokens per step), Adam without weight decay or clipping, warmup + cosine to 10 %.
@@ -67,7 +80,7 @@ VARIANTS.update({
 
 
 def get_config(arg: str | None = None) -> mlc.ConfigDict:
-  arg = common.parse_arg(arg, variant="tiny", norm="rms_norm", placement="pre",
+  arg = common.parse_arg(arg, variant="tiny", norm=common.placeholder(str), placement="pre",
                          depth=common.placeholder(int), init="normal", dtype="float32",
                          steps=common.placeholder(int), impl="auto")
   common.check_choice(arg.variant, "variant", list(VARIANTS))
@@ -75,17 +88,23 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   c = mlc.ConfigDict()
   c.seed = 0  # parameter init seed (data order has its own, data.shuffle_seed)
   c.model = mlc.ConfigDict(dict(
-      name="llama",  # model family: llama or vit
+      name=v.get("name", "llama"),  # model family: llama or gpt2 (decoders), vit
       num_layers=v["num_layers"] if arg.depth is None else arg.depth,  # blocks L
       d_model=v["d_model"],  # residual width
       num_heads=v["num_heads"],  # attention heads
       num_kv_heads=common.placeholder(int),  # grouped-query heads (None = num_heads)
-      mlp_dim=common.placeholder(int, v.get("mlp_dim")),  # SwiGLU width (None = 8d/3 rounded up to 16)
+      head_size=common.placeholder(int),  # per-head width (None = d_model / num_heads)
+      mlp=common.placeholder(str),  # swiglu, gelu, gelu_tanh (None = the family's)
+      mlp_dim=common.placeholder(int, v.get("mlp_dim")),  # None = 8d/3 up to 16 (SwiGLU), 4d (GELU)
       vocab_size=common.placeholder(int),  # None = the tokenizer's, rounded up to a multiple of 128
+      positions=common.placeholder(str),  # rope or learned (None = the family's)
+      max_positions=1024,  # learned positions: the longest sequence
       rope_theta=10_000.0,  # rotary embedding base
-      tie_embeddings=False,  # head reuses the token embedding
-      norm=dict(kind=arg.norm,  # normjax.norms.names()
-                options={},  # that kind's options (eps, casting, ...; not impl or param_dtype)
+      tie_embeddings=v.get("tie_embeddings", False),  # head reuses the token embedding
+      dense_bias=common.placeholder(bool),  # biases on dense layers (None = the family's)
+      norm=dict(kind=arg.norm or v.get("norm", "rms_norm"),  # normjax.norms.names()
+                # that kind's options (eps, casting, ...; not impl or param_dtype)
+                options=dict(v.get("norm_options", {})) if arg.norm is None else {},
                 impl=arg.impl),  # xla, pallas (fused kernels), triton, auto (measured fastest)
       placement=dict(kind=arg.placement,  # normjax.placements.names()
                      final_norm=True,  # norm before the head

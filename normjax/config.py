@@ -201,9 +201,12 @@ def model_config(config: mlc.ConfigDict, data_cfg: data.DataConfig) -> ModelConf
 
 
 def _check_against_data(cfg: ModelConfig, d: data.DataConfig) -> None:
-  if cfg.name == "llama" and cfg.vocab_size < d.vocab_size:
+  if cfg.causal and cfg.vocab_size < d.vocab_size:
     raise ConfigError(f"model.vocab_size={cfg.vocab_size} is smaller than the tokenizer's vocabulary "
                       f"of {d.vocab_size} (data.tokenizer); set None to take it from the tokenizer")
+  if cfg.causal and cfg.position_kind == "learned" and d.seq_len > cfg.max_positions:
+    raise ConfigError(f"data.seq_len={d.seq_len} exceeds model.max_positions={cfg.max_positions}, "
+                      "the longest sequence the learned positions cover")
   if cfg.name == "vit" and (cfg.image_size, cfg.image_size, cfg.channels) != tuple(d.image_shape):
     raise ConfigError(f"model.image_size={cfg.image_size}, model.channels={cfg.channels} do not match "
                       f"the data's images {tuple(d.image_shape)} (data.name={d.name!r}); set them to "

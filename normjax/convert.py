@@ -1,6 +1,6 @@
 """Exact conversion Pre-LN -> Pre-RMSNorm -> Pre-CRMSNorm (Jiang et al., NeurIPS 2023, arXiv:2305.14858).
 
-``to_rms(model)`` takes a LLaMA or ViT with LayerNorm in the ``pre`` (or ``lns``) placement and a
+``to_rms(model)`` takes a LLaMA, GPT-2 or ViT with LayerNorm in the ``pre`` (or ``lns``) placement and a
 final norm, and returns a model with affine-free RMSNorm computing the same logits:
 
 1. fold each norm's gain and bias into the dense layers that read its output (q, k, v; gate and up
@@ -99,19 +99,19 @@ def to_rms(model: nnx.Module) -> nnx.Module:
     norm = blocks.pop(f"{sublayer}_norm_in", {})
     blocks[sublayer] = {
         **blocks[sublayer],
-        **{name: _fold(norm, blocks[sublayer][name]) for name in roles.readers(cfg.name, sublayer)},
-        **{name: _centre_dense(blocks[sublayer][name]) for name in roles.writers(cfg.name, sublayer)}}
+        **{name: _fold(norm, blocks[sublayer][name]) for name in roles.readers(cfg.mlp_kind, sublayer)},
+        **{name: _centre_dense(blocks[sublayer][name]) for name in roles.writers(cfg.mlp_kind, sublayer)}}
   out = {"stack": {"blocks": blocks}}
   final = p.get("final_norm", {})
-  if cfg.name == "llama":
+  if cfg.causal:
     head = p["head"] if "head" in p else {"kernel": p["embed"].T}
     out["embed"] = _centre(p["embed"])
   else:
     head = p["head"]
     out["patch_embed"] = _centre_dense(p["patch_embed"])
-    out["position"] = _centre(p["position"])
-    if "cls" in p:
-      out["cls"] = _centre(p["cls"])
+  for name in ("position", "cls"):  # learned positions (GPT-2, ViT), the ViT class token
+    if name in p:
+      out[name] = _centre(p[name])
   out["head"] = _fold(final, head)
   ln = norms.get("layer_norm").options(**cfg.norm.options)
   # a LayerNorm bias folds into reader biases, so the converted model needs dense biases
@@ -142,7 +142,7 @@ def to_crms(model: nnx.Module, *, atol: float = 1e-5) -> nnx.Module:
     raise ValueError("to_crms needs affine-free RMSNorm (fold gains first: use to_rms)")
   p = params_of(model)
   writer_kernels = [p["stack"]["blocks"]["attn"]["o"]["kernel"]]
-  writer_kernels.append(p["embed"] if cfg.name == "llama" else p["patch_embed"]["kernel"])
+  writer_kernels.append(p["embed"] if cfg.causal else p["patch_embed"]["kernel"])
   worst = max(float(jnp.max(jnp.abs(jnp.mean(k, -1)))) for k in writer_kernels)
   if worst > atol:
     raise ValueError(f"the residual writers are not zero-mean (max |mean| {worst:.2e}); "
@@ -150,18 +150,18 @@ def to_crms(model: nnx.Module, *, atol: float = 1e-5) -> nnx.Module:
   blocks = {key: dict(value) if isinstance(value, dict) else value
             for key, value in p["stack"]["blocks"].items()}
   for sublayer in SUBLAYERS:
-    for name in roles.readers(cfg.name, sublayer):
+    for name in roles.readers(cfg.mlp_kind, sublayer):
       blocks[sublayer][name] = _compress_reader(blocks[sublayer][name])
-    for name in roles.writers(cfg.name, sublayer):
+    for name in roles.writers(cfg.mlp_kind, sublayer):
       blocks[sublayer][name] = _compress_writer(blocks[sublayer][name])
   out = {"stack": {"blocks": blocks}, "head": _compress_reader(p["head"])}
-  if cfg.name == "llama":
+  if cfg.causal:
     out["embed"] = p["embed"][:, :-1]
   else:
     out["patch_embed"] = _compress_writer(p["patch_embed"])
-    out["position"] = p["position"][:, :-1]
-    if "cls" in p:
-      out["cls"] = p["cls"][:-1]
+  for name in ("position", "cls"):
+    if name in p:
+      out[name] = p[name][..., :-1]
   target = cfg.replace(compressed=True, norm=NormConfig(
       "crms_norm", {"eps": options.eps, "use_scale": False, "use_bias": False}))
   return with_params(target, out)

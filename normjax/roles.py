@@ -25,21 +25,21 @@ def _attention() -> tuple[Role, ...]:
           Role("v", "attn", True, False, True), Role("o", "attn", False, True, True))
 
 
-ROLES: dict[str, tuple[Role, ...]] = {
-    "llama": _attention() + (Role("gate", "mlp", True, False, True), Role("up", "mlp", True, False, True),
-                             Role("down", "mlp", False, True, True)),
-    "vit": _attention() + (Role("fc1", "mlp", True, False, True), Role("fc2", "mlp", False, True, True)),
-}
+# by MLP kind (``ModelConfig.mlp_kind``): the gated SwiGLU has three dense layers, a GELU MLP two
+_GATED = _attention() + (Role("gate", "mlp", True, False, True), Role("up", "mlp", True, False, True),
+                         Role("down", "mlp", False, True, True))
+_PLAIN = _attention() + (Role("fc1", "mlp", True, False, True), Role("fc2", "mlp", False, True, True))
+ROLES: dict[str, tuple[Role, ...]] = {"swiglu": _GATED, "gelu": _PLAIN, "gelu_tanh": _PLAIN}
 
 
-def of(model_name: str, role: str) -> Role:
-  """The role called ``role`` in model family ``model_name``."""
-  return next(r for r in ROLES[model_name] if r.name == role)
+def of(mlp_kind: str, role: str) -> Role:
+  """The role called ``role`` in a block whose MLP is ``mlp_kind``."""
+  return next(r for r in ROLES[mlp_kind] if r.name == role)
 
 
-def readers(model_name: str, sublayer: str) -> tuple[str, ...]:
-  return tuple(r.name for r in ROLES[model_name] if r.sublayer == sublayer and r.reads_stream)
+def readers(mlp_kind: str, sublayer: str) -> tuple[str, ...]:
+  return tuple(r.name for r in ROLES[mlp_kind] if r.sublayer == sublayer and r.reads_stream)
 
 
-def writers(model_name: str, sublayer: str) -> tuple[str, ...]:
-  return tuple(r.name for r in ROLES[model_name] if r.sublayer == sublayer and r.writes_stream)
+def writers(mlp_kind: str, sublayer: str) -> tuple[str, ...]:
+  return tuple(r.name for r in ROLES[mlp_kind] if r.sublayer == sublayer and r.writes_stream)

@@ -1,7 +1,7 @@
 """Weight-space variance control: initialization schemes by name, and TVR rescaling.
 
 Init schemes give the per-layer factor on the std of each block's dense kernels, by role
-(``normjax.roles``: q, k, v, o, gate, up, down for LLaMA; q, k, v, o, fc1, fc2 for ViT). Writers
+(``normjax.roles``: q, k, v, o, gate, up, down for a SwiGLU MLP; q, k, v, o, fc1, fc2 for GELU). Writers
 (o, down, fc2) add to the residual stream. Equations and papers: ``docs/placements.md``.
 
   normal    every kernel N(0, std^2)                                  (0.02 default)

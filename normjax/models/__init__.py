@@ -1,4 +1,4 @@
-"""LLaMA and ViT in Flax NNX, with every norm kind and placement as a config switch."""
+"""LLaMA, GPT-2 and ViT in Flax NNX, with every norm kind and placement as a config switch."""
 
 from flax import nnx
 
@@ -6,7 +6,7 @@ from normjax.models.config import InitConfig, ModelConfig, NormConfig, Placement
 from normjax.models.llama import Llama
 from normjax.models.vit import ViT
 
-MODELS = {"llama": Llama, "vit": ViT}
+MODELS = {"llama": Llama, "gpt2": Llama, "vit": ViT}
 
 
 def build(cfg: ModelConfig, *, seed: int = 0):

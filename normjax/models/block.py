@@ -37,7 +37,7 @@ class Block(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, layer: Any, rngs: nnx.Rngs):
     stds = {role.name: cfg.init.std * variance.init_factor(cfg.init.scheme, role, layer, cfg.num_layers)
-            for role in roles.ROLES[cfg.name]}
+            for role in roles.ROLES[cfg.mlp_kind]}
     spec = norms.get(cfg.norm.kind)
     weight_norm = spec.name if spec.acts_on == "weights" else None
     self.attn = Attention(cfg, stds, rngs, weight_norm)

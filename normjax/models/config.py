@@ -18,7 +18,14 @@ import pallas_kernels
 from normjax import norms
 from normjax.validation import ConfigError, check_choice
 
-MODEL_NAMES = ("llama", "vit")
+MODEL_NAMES = ("llama", "gpt2", "vit")
+POSITIONS = ("rope", "learned")
+MLPS = ("swiglu", "gelu", "gelu_tanh")
+# what None means for the switches that differ by family: LLaMA (arXiv:2302.13971), GPT-2 (Radford
+# et al. 2019), ViT (arXiv:2010.11929; big_vision's tanh GELU)
+FAMILY_DEFAULTS = {"llama": dict(positions="rope", mlp="swiglu", dense_bias=False),
+                   "gpt2": dict(positions="learned", mlp="gelu_tanh", dense_bias=True),
+                   "vit": dict(positions="learned", mlp="gelu_tanh", dense_bias=True)}
 DTYPES = ("float32", "bfloat16")
 REMAT_POLICIES = {
     "none": None,  # no rematerialization
@@ -65,16 +72,20 @@ class InitConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  name: str = "llama"  # "llama" (causal decoder) or "vit" (image classifier)
+  name: str = "llama"  # "llama" / "gpt2" (causal decoders) or "vit" (image classifier)
   num_layers: int = 4  # L, number of blocks
   d_model: int = 128  # residual width d
   num_heads: int = 4  # attention heads; must divide d_model
-  num_kv_heads: int | None = None  # grouped-query heads (llama); None = num_heads
-  mlp_dim: int | None = None  # hidden width; None = 4d (vit) or 8d/3 rounded up to 16 (llama SwiGLU)
-  vocab_size: int = 256  # llama: byte-level by default
-  rope_theta: float = 10_000.0  # llama rotary embedding base
-  tie_embeddings: bool = False  # llama: head reuses the token embedding
-  dense_bias: bool | None = None  # biases on dense layers; None = False (llama) / True (vit)
+  num_kv_heads: int | None = None  # grouped-query heads; None = num_heads
+  head_size: int | None = None  # per-head width; None = d_model // num_heads
+  mlp: str | None = None  # swiglu, gelu (exact), gelu_tanh; None = swiglu (llama), gelu_tanh
+  mlp_dim: int | None = None  # hidden width; None = 4d (GELU) or 8d/3 rounded up to 16 (SwiGLU)
+  vocab_size: int = 256  # decoders: byte-level by default
+  positions: str | None = None  # decoders: rope or learned (absolute); None = rope (llama), learned
+  max_positions: int = 1024  # learned decoder positions: the longest sequence
+  rope_theta: float = 10_000.0  # rotary embedding base
+  tie_embeddings: bool = False  # decoders: the head reuses the token embedding
+  dense_bias: bool | None = None  # biases on dense layers; None = False (llama) / True (gpt2, vit)
   image_size: int = 28  # vit: square images
   patch_size: int = 4  # vit: patch side; must divide image_size
   channels: int = 1  # vit: image channels
@@ -94,7 +105,15 @@ class ModelConfig:
 
   @property
   def head_dim(self) -> int:
-    return self.d_model // self.num_heads
+    return self.d_model // self.num_heads if self.head_size is None else self.head_size
+
+  @property
+  def mlp_kind(self) -> str:
+    return FAMILY_DEFAULTS[self.name]["mlp"] if self.mlp is None else self.mlp
+
+  @property
+  def position_kind(self) -> str:
+    return FAMILY_DEFAULTS[self.name]["positions"] if self.positions is None else self.positions
 
   @property
   def kv_heads(self) -> int:
@@ -104,13 +123,13 @@ class ModelConfig:
   def hidden_dim(self) -> int:
     if self.mlp_dim is not None:
       return self.mlp_dim
-    if self.name == "vit":
+    if self.mlp_kind != "swiglu":
       return 4 * self.d_model
     return -(-(8 * self.d_model // 3) // 16) * 16
 
   @property
   def use_bias(self) -> bool:
-    return self.name == "vit" if self.dense_bias is None else self.dense_bias
+    return FAMILY_DEFAULTS[self.name]["dense_bias"] if self.dense_bias is None else self.dense_bias
 
   @property
   def width(self) -> int:
@@ -119,7 +138,7 @@ class ModelConfig:
 
   @property
   def causal(self) -> bool:
-    return self.name == "llama"
+    return self.name != "vit"
 
   def replace(self, **changes: Any) -> ModelConfig:
     return dataclasses.replace(self, **changes)
@@ -155,15 +174,22 @@ def _check(cfg: ModelConfig) -> None:
   check_choice(cfg.param_dtype, "model.param_dtype", DTYPES)
   check_choice(cfg.remat, "model.remat", REMAT_POLICIES)
   check_choice(cfg.pool, "model.pool", POOLS)
+  if cfg.mlp is not None:
+    check_choice(cfg.mlp, "model.mlp", MLPS)
+  if cfg.positions is not None:
+    check_choice(cfg.positions, "model.positions", POSITIONS)
+  if cfg.name == "vit" and cfg.position_kind != "learned":
+    raise ConfigError(f"model.positions={cfg.positions!r}: the ViT's positions are learned "
+                      "(set None or 'learned')")
   check_choice(cfg.init.scheme, "model.init.scheme", variance.init_schemes())
   for field in ("num_layers", "d_model", "num_heads", "vocab_size", "patch_size", "num_classes",
-                "image_size", "channels", "num_kv_heads", "mlp_dim"):
+                "image_size", "channels", "max_positions", "num_kv_heads", "mlp_dim", "head_size"):
     value = getattr(cfg, field)
-    optional = field in ("num_kv_heads", "mlp_dim")
+    optional = field in ("num_kv_heads", "mlp_dim", "head_size")
     if (value is not None or not optional) and (not isinstance(value, int) or value < 1):
       raise ConfigError(f"model.{field}={value!r} must be a positive int"
                         + (" (None = the default)" if optional else ""))
-  if cfg.d_model % cfg.num_heads:
+  if cfg.head_size is None and cfg.d_model % cfg.num_heads:
     raise ConfigError(f"model.num_heads={cfg.num_heads} does not divide model.d_model={cfg.d_model}")
   if cfg.num_heads % cfg.kv_heads:
     raise ConfigError(f"model.num_kv_heads={cfg.num_kv_heads} does not divide "
@@ -175,9 +201,9 @@ def _check(cfg: ModelConfig) -> None:
   check_choice(cfg.placement.kind, "model.placement.kind", placements.names())
   placement = placements.get(cfg.placement.kind)
   placement.check(cfg, spec)
-  if cfg.name == "llama" and spec.mixes_positions and placement.norm_slots:
+  if cfg.causal and spec.mixes_positions and placement.norm_slots:
     raise ConfigError(f"model.norm.kind={cfg.norm.kind!r} takes statistics across sequence positions, "
-                      "which leaks future tokens into a causal decoder (model.name='llama'); "
+                      f"which leaks future tokens into a causal decoder (model.name={cfg.name!r}); "
                       f"use it with model.name='vit' or pick a per-token norm")
   if (spec.name == "crms_norm") != cfg.compressed:
     raise ConfigError(f"model.norm.kind={cfg.norm.kind!r} with model.compressed={cfg.compressed}: "

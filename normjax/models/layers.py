@@ -134,7 +134,7 @@ class Attention(nnx.Module):
                    center_output=cfg.zero_mean_writers)
     self.shape = (heads, kv, hd)
     self.causal = cfg.causal
-    self.rope_theta = cfg.rope_theta if cfg.name == "llama" else None
+    self.rope_theta = cfg.rope_theta if cfg.position_kind == "rope" else None
 
   def __call__(self, x: Array, *, train: bool = False, collect_stats: bool = False,
                segments: Segments | None = None) -> tuple[Array, dict[str, Array]]:
@@ -152,13 +152,15 @@ class Attention(nnx.Module):
 
 
 class Mlp(nnx.Module):
-  """SwiGLU (LLaMA: down(silu(gate x) * up x)) or GELU (ViT: fc2(gelu(fc1 x))); ``[.., w] -> [.., w]``."""
+  """SwiGLU (LLaMA: down(silu(gate x) * up x)) or GELU (GPT-2, ViT: fc2(gelu(fc1 x)), exact or tanh
+  approximation); ``[.., w] -> [.., w]``."""
 
   def __init__(self, cfg: Any, stds: dict[str, Any], rngs: nnx.Rngs, weight_norm: str | None = None):
     w, hidden = cfg.width, cfg.hidden_dim
     common = dict(use_bias=cfg.use_bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs,
                   weight_norm=weight_norm)
-    self.gated = cfg.name == "llama"
+    self.gated = cfg.mlp_kind == "swiglu"
+    self.approximate = cfg.mlp_kind == "gelu_tanh"
     if self.gated:
       self.gate = Dense(w, hidden, ("embed", "mlp"), std=stds["gate"], **common)
       self.up = Dense(w, hidden, ("embed", "mlp"), std=stds["up"], **common)
@@ -175,7 +177,8 @@ class Mlp(nnx.Module):
     if self.gated:
       h = jax.nn.silu(self.gate(x, train=train)) * self.up(x, train=train)
       return self.down(h, train=train), {}
-    return self.fc2(jax.nn.gelu(self.fc1(x, train=train)), train=train), {}
+    h = jax.nn.gelu(self.fc1(x, train=train), approximate=self.approximate)
+    return self.fc2(h, train=train), {}
 
 
 class KernelNorm(Norm):

@@ -1,4 +1,7 @@
-"""LLaMA-style decoder: token embedding, RoPE attention (optional GQA), SwiGLU MLP, final norm, head.
+"""The causal decoders: LLaMA (RoPE attention with optional GQA, SwiGLU MLP) and GPT-2 (learned
+absolute positions, tanh-GELU MLP, biases, LayerNorm, tied head), one class for both: the family only
+sets defaults (``ModelConfig.positions``, ``mlp``, ``dense_bias``), and every switch combines with
+every norm and placement.
 
 Flax NNX (Flax's recommended API): modules are plain Python objects holding their parameters, so
 the norm, the placement and the per-layer init are ordinary constructor arguments, stacked layers
@@ -30,6 +33,8 @@ class Llama(nnx.Module):
     self.cfg = cfg
     self.embed = param(rngs, (cfg.vocab_size, cfg.width), cfg.init.std, cfg.param_dtype,
                        ("vocab", "embed"))
+    self.position = (param(rngs, (cfg.max_positions, cfg.width), cfg.init.std, cfg.param_dtype,
+                           (None, "embed")) if cfg.position_kind == "learned" else None)
     self.embed_norm = activation_norm(cfg, rngs) if cfg.placement.embed_norm else None
     self.stack = Stack(cfg, rngs)
     self.final_norm = activation_norm(cfg, rngs) if cfg.placement.final_norm else None
@@ -51,12 +56,15 @@ class Llama(nnx.Module):
     """
     cfg = self.cfg
     x = jnp.take(self.embed[...], tokens, axis=0).astype(cfg.dtype)
+    if (segment_ids is None) != (positions is None):
+      raise ValueError("packed rows need both segment_ids and positions (or neither)")
+    if self.position is not None:  # learned absolute positions, restarting in each packed document
+      index = jnp.arange(tokens.shape[1])[None] if positions is None else positions
+      x = x + jnp.take(self.position[...], index, axis=0).astype(cfg.dtype)
     if cfg.zero_mean_writers:  # centred embedding rows (a tied head still reads the raw rows)
       x = x - jnp.mean(x, -1, keepdims=True)
     x = call_norm(self.embed_norm, x, train=train)
     last = lambda h: h[:, -1]
-    if (segment_ids is None) != (positions is None):
-      raise ValueError("packed rows need both segment_ids and positions (or neither)")
     segments = None if segment_ids is None else Segments(segment_ids, positions)
     h, stats = self.stack(x, train=train, collect_stats=collect_stats, skip_layer=skip_layer,
                           summarize=last, segments=segments)

@@ -57,7 +57,9 @@ def _in_range(field: str, value: float, *, low: float, high: float = math.inf, l
 
 def schedule(optim: OptimConfig, steps: int) -> optax.Schedule:
   """Linear warmup from 0 to ``lr``, then cosine decay to ``lr * min_lr_ratio`` at ``steps``."""
-  return optax.warmup_cosine_decay_schedule(0.0, optim.lr, optim.warmup_steps, max(steps, 1),
+  # a warmup as long as the run leaves no decay: optax needs one decay step past the warmup
+  return optax.warmup_cosine_decay_schedule(0.0, optim.lr, optim.warmup_steps,
+                                            max(steps, optim.warmup_steps + 1),
                                             optim.lr * optim.min_lr_ratio)
 
 
