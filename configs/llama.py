@@ -10,9 +10,10 @@ Launch:
   python -m normjax.train --config=configs/llama.py:tiny --config.train.init_from=hf/llama-dir \
       --workdir=runs/finetune   # start from a Hugging Face directory or a normjax checkpoint
 
-Argument keys: variant (a key of VARIANTS), norm (unset: the variant's family's), placement, depth, init, dtype, steps, impl (norm
-kernels: auto, xla, pallas). depth and steps left unset mean the variant's. Every section the run
-reads is below; any field can be overridden with --config.<section>.<field>=value.
+Argument keys: variant (a key of VARIANTS), norm (unset: the variant's family's), placement, depth,
+init, dtype, steps, impl (norm kernels: auto, xla, pallas). depth and steps left unset mean the
+variant's. Every section the run reads is below; any field can be overridden with
+--config.<section>.<field>=value.
 """
 
 from __future__ import annotations

@@ -31,33 +31,6 @@ SUBLAYERS = ("attn", "mlp")
 CONVERTIBLE_PLACEMENTS = ("pre", "lns")
 
 
-def params_of(model: nnx.Module) -> dict[str, Any]:
-  """The model's parameters as a plain nested dict of arrays."""
-  return nnx.to_pure_dict(nnx.state(model, nnx.Param))
-
-
-def with_params(cfg: ModelConfig, params: dict[str, Any]) -> nnx.Module:
-  """A model of ``cfg`` holding ``params``; dense biases absent from ``params`` become zeros."""
-  model = models.build(cfg)
-  state = nnx.state(model, nnx.Param)
-  fresh = nnx.to_pure_dict(state)
-
-  def pick(path, value):
-    keys = [k.key for k in path]
-    node = params
-    for key in keys:
-      if not isinstance(node, dict) or key not in node:
-        if keys[-1] == "bias":
-          return jnp.zeros_like(value)
-        raise ValueError(f"converted parameters lack {'/'.join(map(str, keys))}")
-      node = node[key]
-    return jnp.asarray(node, value.dtype)
-
-  nnx.replace_by_pure_dict(state, jax.tree_util.tree_map_with_path(pick, fresh))
-  nnx.update(model, state)
-  return model
-
-
 def _check_source(cfg: ModelConfig, kind: str) -> None:
   if norms.get(cfg.norm.kind).name != kind:
     raise ValueError(f"model.norm.kind={cfg.norm.kind!r}: this conversion starts from {kind!r}")
@@ -93,7 +66,7 @@ def to_rms(model: nnx.Module) -> nnx.Module:
   """Pre-LN model -> Pre-RMSNorm model with identical logits (see the module docstring)."""
   cfg = model.cfg
   _check_source(cfg, "layer_norm")
-  p = params_of(model)
+  p = models.params_of(model)
   blocks = dict(p["stack"]["blocks"])
   for sublayer in SUBLAYERS:
     norm = blocks.pop(f"{sublayer}_norm_in", {})
@@ -118,7 +91,7 @@ def to_rms(model: nnx.Module) -> nnx.Module:
   target = cfg.replace(norm=NormConfig("rms_norm", {"eps": ln.eps, "use_scale": False,
                                                     "use_bias": False}),
                        tie_embeddings=False, dense_bias=cfg.use_bias or ln.use_bias)
-  return with_params(target, out)
+  return models.with_params(target, out)
 
 
 def _compress_reader(dense: dict[str, Any]) -> dict[str, Any]:
@@ -140,7 +113,7 @@ def to_crms(model: nnx.Module, *, atol: float = 1e-5) -> nnx.Module:
   options = norms.get("rms_norm").options(**cfg.norm.options)
   if options.use_scale or options.use_bias:
     raise ValueError("to_crms needs affine-free RMSNorm (fold gains first: use to_rms)")
-  p = params_of(model)
+  p = models.params_of(model)
   writer_kernels = [p["stack"]["blocks"]["attn"]["o"]["kernel"]]
   writer_kernels.append(p["embed"] if cfg.causal else p["patch_embed"]["kernel"])
   worst = max(float(jnp.max(jnp.abs(jnp.mean(k, -1)))) for k in writer_kernels)
@@ -164,4 +137,4 @@ def to_crms(model: nnx.Module, *, atol: float = 1e-5) -> nnx.Module:
       out[name] = p[name][..., :-1]
   target = cfg.replace(compressed=True, norm=NormConfig(
       "crms_norm", {"eps": options.eps, "use_scale": False, "use_bias": False}))
-  return with_params(target, out)
+  return models.with_params(target, out)

@@ -153,16 +153,29 @@ def forward_refs(refs: tuple[Any, ...], st: Static) -> ForwardRefs:
   return ForwardRefs(*inputs, y, s, next(it), next(it))
 
 
+def compute_dtype(casting: str, x_dtype: Any, weight_dtype: Any | None) -> jnp.dtype:
+  """The dtype the kernels round the normalized value to and multiply and add in.
+
+  As ``normjax.norms._util.affine``: "hf" rounds to x's dtype, which ``ops`` admits only where x's
+  dtype already holds the promoted result (the kernels write x's dtype); "hf_legacy" rounds to a
+  16-bit weight's dtype; otherwise float32.
+  """
+  if casting == "hf":
+    return jnp.dtype(x_dtype)
+  if casting == "hf_legacy" and weight_dtype is not None and jnp.dtype(weight_dtype).itemsize < 4:
+    return jnp.dtype(weight_dtype)
+  return jnp.dtype(F32)
+
+
 def affine(xhat: Array, r: ForwardRefs, cols: Any, col_ok: Array, casting: str) -> Array:
   """``xhat [rows, C]`` float32 times the weight, plus the bias, of columns ``cols`` (a ``pl.ds``)."""
-  y = xhat
-  if r.weight is not None:
-    w = pltriton.load(r.weight.at[cols], mask=col_ok, other=0.0)
-    if casting == "llama" and jnp.dtype(w.dtype).itemsize < 4:
-      y = y.astype(w.dtype)  # HF Llama: round the normalized value before the weight multiply
-    y = y * w[None, :].astype(y.dtype)
+  w = None if r.weight is None else pltriton.load(r.weight.at[cols], mask=col_ok, other=0.0)
+  compute = compute_dtype(casting, r.y.dtype, None if w is None else w.dtype)
+  y = xhat.astype(compute)  # "hf"/"hf_legacy": the rounding before the weight multiply
+  if w is not None:
+    y = y * w[None, :].astype(compute)
   if r.bias is not None:
-    y = y + pltriton.load(r.bias.at[cols], mask=col_ok, other=0.0)[None, :].astype(y.dtype)
+    y = y + pltriton.load(r.bias.at[cols], mask=col_ok, other=0.0)[None, :].astype(compute)
   return y
 
 

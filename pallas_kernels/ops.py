@@ -15,7 +15,9 @@ Each op normalizes the last axis of ``x [..., D]`` and can, in the same pass,
 design in the Triton language through jax-triton, ``triton_kernels.py``: a GPU only, whole rows),
 ``"auto"`` (``auto.choose``: Pallas only
 where the measured table says it beats XLA for this device, op and shape), or a tuple tried in order in
-which ``NotImplementedError`` falls through to the next entry (the tokamax pattern).
+which ``NotImplementedError`` falls through to the next entry (the tokamax pattern). The kernels write
+x's dtype, so ``casting="hf"`` with a parameter wider than x (bfloat16 x, float32 gain: a float32
+result) is XLA only: ``"auto"`` picks XLA for it and the kernel implementations raise ValueError.
 
 Under a mesh (``jax.set_mesh``) the Pallas call is wrapped in ``jax.shard_map`` with the leading axis split
 over ``row_axes`` (norms are row-local, so no collectives are needed).
@@ -36,10 +38,10 @@ from jax.sharding import PartitionSpec as P
 
 from normjax.axes import BATCH_AXES
 from normjax.norms import standard
-from normjax.norms._util import CASTINGS, check_scalar
+from normjax.norms._util import CASTINGS, check_scalar, output_dtype
 from normjax.validation import check_choice
 from pallas_kernels import _compat, auto, kernels, launch
-from pallas_kernels.kernels import F32, KernelConfig, Static
+from pallas_kernels.kernels import F32, KernelConfig, Static, compute_dtype
 
 Array = jax.Array
 IMPLS = ("xla", "pallas", "triton", "auto")
@@ -71,20 +73,31 @@ class _Args(NamedTuple):
 
 
 def effective_weight(scale: Array | None, width: int, scale_offset: float, out_scale: Any,
-                     casting: str) -> Array | None:
+                     casting: str, *, x_dtype: Any) -> Array | None:
   """``(scale + scale_offset) * out_scale`` in the dtype ``normjax.norms._util.affine`` multiplies in.
 
   None when there is nothing to multiply (no scale and a static out_scale of 1). ``[D]``.
   """
+  compute = compute_dtype(casting, x_dtype, None if scale is None else scale.dtype)
   if scale is None:
     if scale_offset != 0.0:
       raise ValueError("scale_offset needs a scale parameter (the offset is added to it)")
     if isinstance(out_scale, (int, float)) and out_scale == 1.0:
       return None
-    return jnp.broadcast_to(jnp.asarray(out_scale, F32), (width,))
-  compute = scale.dtype if casting == "llama" and jnp.dtype(scale.dtype).itemsize < 4 else F32
+    return jnp.broadcast_to(jnp.asarray(out_scale, compute), (width,))
   return ((scale.astype(compute) + jnp.asarray(scale_offset, compute))
           * jnp.asarray(out_scale, compute))
+
+
+def _check_kernel_casting(impl: str, casting: str, x: Array, scale: Array | None,
+                         bias: Array | None) -> None:
+  """ValueError when ``casting`` returns a dtype wider than x's: the kernels write x's dtype."""
+  out = output_dtype(casting, x.dtype, scale, bias)
+  if out != x.dtype:
+    params = ", ".join(f"{name} {p.dtype}" for name, p in (("scale", scale), ("bias", bias))
+                       if p is not None)
+    raise ValueError(f"casting={casting!r} with x {x.dtype} and {params} returns {out}, but "
+                     f"impl={impl!r} writes x's dtype ({x.dtype}); use impl='xla' (or 'auto')")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -146,7 +159,7 @@ def _pallas(x, scale, bias, residual, a: _Args, backend: str = "pallas"):
   if x.size >= MAX_ELEMENTS:
     raise NotImplementedError(f"impl={backend!r} indexes with int32 offsets: {x.size} elements "
                               f"(shape {tuple(x.shape)}) reach 2**31; split the rows or use impl='xla'")
-  weight = effective_weight(scale, width, a.scale_offset, a.out_scale, a.casting)
+  weight = effective_weight(scale, width, a.scale_offset, a.out_scale, a.casting, x_dtype=x.dtype)
   st = Static(a.kind, float(a.eps), a.casting, weight is not None, bias is not None,
               residual is not None, a.config or KernelConfig(), backend)
 
@@ -189,14 +202,16 @@ def _triton(x, scale, bias, residual, a: _Args):
 _IMPLEMENTATIONS: dict[str, Callable[..., Any]] = {"xla": _xla, "pallas": _pallas, "triton": _triton}
 
 
-def _candidates(impl: str | Sequence[str], kind: str, x: Array, residual: Array | None) -> list[str]:
+def _candidates(impl: str | Sequence[str], kind: str, x: Array, residual: Array | None,
+                kernels_fit: bool) -> list[str]:
+  """The implementations to try, "auto" resolved; ``kernels_fit``: the result dtype is x's."""
   order = [impl] if isinstance(impl, str) else list(impl)
   if not order:
     raise ValueError(f"impl=() is empty; choose one or more of {list(IMPLS)}")
   for name in order:
     check_choice(name, "impl", IMPLS)
-  return [auto.choose(kind, x.shape, x.dtype, residual is not None) if name == "auto" else name
-          for name in order]
+  choose = lambda: auto.choose(kind, x.shape, x.dtype, residual is not None) if kernels_fit else "xla"
+  return [choose() if name == "auto" else name for name in order]
 
 
 def _norm(kind: str, x: Array, scale: Array | None, bias: Array | None, residual: Array | None,
@@ -212,8 +227,11 @@ def _norm(kind: str, x: Array, scale: Array | None, bias: Array | None, residual
       raise ValueError(f"{name} has shape {tuple(p.shape)}; normalizing the last axis of an input of "
                        f"shape {tuple(x.shape)} needs {x.shape[-1:]}")
   args = _Args(kind, eps, scale_offset, out_scale, casting, config, tuple(row_axes), return_stats)
+  kernels_fit = output_dtype(casting, x.dtype, scale, bias) == x.dtype
   reasons = []
-  for name in _candidates(impl, kind, x, residual):
+  for name in _candidates(impl, kind, x, residual, kernels_fit):
+    if name != "xla":
+      _check_kernel_casting(name, casting, x, scale, bias)
     try:
       y, s, mean, rstd = _IMPLEMENTATIONS[name](x, scale, bias, residual, args)
     except NotImplementedError as e:
@@ -246,7 +264,8 @@ def _op(kind: str, summary: str) -> Callable[..., Any]:
   op.__name__ = op.__qualname__ = kind
   op.__doc__ = f"""{summary} over the last axis: ``x [..., D] -> y [..., D]`` in x's dtype.
 
-  Math, defaults and ``casting`` as in ``normjax.norms.{kind}`` (the ``xla`` implementation).
+  Math, defaults and ``casting`` as in ``normjax.norms.{kind}`` (the ``xla`` implementation), so
+  ``casting="hf"`` returns x's dtype promoted with the parameters'; only XLA writes a wider dtype.
 
   Args:
     x: input ``[..., D]``{CRMS_WIDTH if kind == "crms_norm" else ""}.

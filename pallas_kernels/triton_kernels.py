@@ -31,7 +31,8 @@ MAX_WIDTH = 4096
 @triton.jit
 def forward_kernel(X, R, W, B, n_rows, d, eps, Y, S, MEAN, RSTD,
                    KIND: tl.constexpr, HAS_R: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-                   LLAMA: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+                   ROUND_TO_X: tl.constexpr, ROUND_TO_W: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+                   BLOCK_D: tl.constexpr):
   rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
   cols = tl.arange(0, BLOCK_D)
   row_ok = rows < n_rows
@@ -58,10 +59,12 @@ def forward_kernel(X, R, W, B, n_rows, d, eps, Y, S, MEAN, RSTD,
       mean_square = squares / d
   rstd = tl.rsqrt(mean_square + eps)
   y = xc * rstd[:, None]
+  if ROUND_TO_X:
+    y = y.to(Y.dtype.element_ty)  # "hf": round to x's dtype (which ops checked holds the result)
   if HAS_W:
     w = tl.load(W + cols, mask=col_ok, other=0.0)
-    if LLAMA:
-      y = y.to(w.dtype)  # HF Llama: round the normalized value before the weight multiply
+    if ROUND_TO_W:
+      y = y.to(w.dtype)  # "hf_legacy": round to the weight's dtype before the multiply
     y = y * w[None, :]
   if HAS_B:
     y = y + tl.load(B + cols, mask=col_ok, other=0.0)[None, :]
@@ -135,8 +138,8 @@ def forward_constants(st: Static, n: int, d: int) -> tuple[dict[str, object], in
   """(constexprs, num_warps) of the forward for ``[n, d]`` rows: the Pallas kernel's launch rule."""
   cfg = default_config(n, d, st.config)
   return dict(KIND=KIND_IDS[st.kind], HAS_R=st.has_residual, HAS_W=st.has_weight, HAS_B=st.has_bias,
-              LLAMA=st.casting == "llama", BLOCK_ROWS=cfg.block_rows,
-              BLOCK_D=triton.next_power_of_2(d)), cfg.num_warps
+              ROUND_TO_X=st.casting == "hf", ROUND_TO_W=st.casting == "hf_legacy",
+              BLOCK_ROWS=cfg.block_rows, BLOCK_D=triton.next_power_of_2(d)), cfg.num_warps
 
 
 def backward_constants(st: Static, n: int, d: int) -> tuple[dict[str, object], int, int, int]:

@@ -83,14 +83,14 @@ def _compare(kind, shape, dtype, *, use_scale=True, use_bias=True, use_residual=
   options = dict(scale_offset=offset, casting=casting)
   (outs, stats), grads = _run(kind, impl, *args, cotangent, config=config, **options)
   # The reference: the same rounded inputs, computed in float32. In bf16 the cotangents themselves are
-  # rounded, so XLA's own run in the input dtype bounds the error too. "llama" rounds inside the
+  # rounded, so XLA's own run in the input dtype bounds the error too. "hf"/"hf_legacy" round inside the
   # forward: its outputs are checked against that same-dtype XLA run.
   up = [None if a is None else jnp.asarray(a, jnp.float32) for a in args]
   (ref_outs, ref_stats), ref_grads = _run(kind, "xla", *up, cotangent, scale_offset=offset)
   same_outs, same_stats, same_grads = (None, None), (None, None), (None,) * 5
   if dtype != jnp.float32:
     (same_outs, same_stats), same_grads = _run(kind, "xla", *args, cotangent, **options)
-  if casting == "llama":
+  if casting in ("hf", "hf_legacy"):
     ref_outs, ref_stats = same_outs, same_stats
   for name, got, want, same in zip(("y", "new_residual"), outs, ref_outs, same_outs):
     assert got.dtype == dtype, name
@@ -134,9 +134,10 @@ def test_option_combinations(kind, use_scale, use_bias, use_residual, use_offset
            out_scale=0.5 if use_out_scale else 1.0)
 
 
+@pytest.mark.parametrize("casting", ["hf", "hf_legacy"])
 @pytest.mark.parametrize("kind", KINDS)
-def test_llama_casting_in_bfloat16(kind):
-  _compare(kind, (7, 1000), jnp.bfloat16, casting="llama")
+def test_hf_castings_in_bfloat16(kind, casting):
+  _compare(kind, (7, 1000), jnp.bfloat16, casting=casting)
 
 
 def test_static_out_scale_is_folded_like_a_traced_one():

@@ -173,12 +173,12 @@ def test_vmap_matches_batched_call(name):
   np.testing.assert_allclose(mapped, direct, rtol=1e-6, atol=1e-6)
 
 
-def test_llama_casting_rounds_before_the_gain():
-  """casting='llama' casts the normalized value to a bf16 weight's dtype before multiplying."""
+def test_hf_legacy_casting_rounds_before_the_gain():
+  """casting='hf_legacy' casts the normalized value to a bf16 weight's dtype before multiplying."""
   x = rand(18, 4, 64)
   w = (rand(19, 64, loc=1.0)).astype(jnp.bfloat16)
-  llama = norms.rms_norm(x, w, casting="llama")
+  legacy = norms.rms_norm(x, w, casting="hf_legacy")
   manual = (norms.rms_norm(x).astype(jnp.bfloat16) * w).astype(jnp.float32)
-  np.testing.assert_array_equal(llama, manual)
+  np.testing.assert_array_equal(legacy, manual)
   f32 = norms.rms_norm(x, w, casting="f32")
-  assert not np.array_equal(llama, f32)
+  assert not np.array_equal(legacy, f32)

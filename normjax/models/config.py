@@ -205,6 +205,12 @@ def _check(cfg: ModelConfig) -> None:
     raise ConfigError(f"model.norm.kind={cfg.norm.kind!r} takes statistics across sequence positions, "
                       f"which leaks future tokens into a causal decoder (model.name={cfg.name!r}); "
                       f"use it with model.name='vit' or pick a per-token norm")
+  casting = spec.options(**cfg.norm.options).casting if "casting" in spec.defaults else None
+  if (casting == "hf" and cfg.norm.impl in ("pallas", "triton") and cfg.dtype == "bfloat16"
+      and cfg.param_dtype == "float32"):
+    raise ConfigError(f"model.norm.impl={cfg.norm.impl!r} with casting='hf', model.dtype='bfloat16' "
+                      "and model.param_dtype='float32': the norm then returns float32, which the "
+                      "fused kernels cannot write; use impl='auto' or 'xla'")
   if (spec.name == "crms_norm") != cfg.compressed:
     raise ConfigError(f"model.norm.kind={cfg.norm.kind!r} with model.compressed={cfg.compressed}: "
                       "crms_norm needs the compressed d-1 residual stream and only it does "

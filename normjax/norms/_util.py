@@ -1,12 +1,14 @@
 """Shared plumbing for the functional norms: axis checks, parameter broadcasting, dtype rules.
 
 Every norm computes its statistics in ``stat_dtype(x.dtype)`` (float32, or float64 when the input is
-float64) and returns its result in ``x.dtype``. Parameters are validated against the normalized axes
+float64) and returns its result in ``x.dtype`` (the token norms under ``casting="hf"``: in x's dtype
+promoted with the parameters', see ``affine``). Parameters are validated against the normalized axes
 so that a wrong shape fails with a message instead of broadcasting silently.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,7 +21,7 @@ from normjax.validation import check_choice
 Array = jax.Array
 Axis = int | Sequence[int]
 
-CASTINGS = ("f32", "llama")
+CASTINGS = ("f32", "hf", "hf_legacy")
 
 
 def stat_dtype(dtype: Any) -> jnp.dtype:
@@ -69,20 +71,43 @@ def check_scalar(value: Any, name: str) -> Array:
   return value
 
 
+def output_dtype(casting: str, x_dtype: Any, *params: Array | None) -> jnp.dtype:
+  """The dtype ``affine`` returns: x's, or under "hf" x's promoted with every present parameter's.
+
+  "hf" follows torch type promotion (``weight * normalized``), so a bfloat16 input with a float32
+  gain gives float32, as in transformers; the fused kernels compare this with x's dtype.
+  """
+  if casting != "hf":
+    return jnp.dtype(x_dtype)
+  dtypes = [p.dtype for p in params if p is not None]
+  return functools.reduce(jnp.promote_types, dtypes, jnp.dtype(x_dtype))
+
+
 def affine(y: Array, x: Array, axes: Sequence[int], scale: Array | None, bias: Array | None, *,
            scale_offset: float = 0.0, out_scale: Any = 1.0, casting: str = "f32") -> Array:
-  """Applies ``y * (scale + scale_offset) * out_scale + bias`` to a normalized ``y`` and casts to x.dtype.
+  """Applies ``y * (scale + scale_offset) * out_scale + bias`` to a normalized ``y`` (float32/64).
 
-  casting="f32" (Gemma, tokamax, MaxText): everything in float32, one cast at the end, (1+w) formed in
-  float32. casting="llama" (HF LlamaRMSNorm, the LNS/Mix-LN code): the normalized value is cast to the
-  weight dtype when that is float16/bfloat16 and the multiply happens in that dtype.
+  ``casting`` says where the rounding happens; the offset, out_scale and bias are always formed
+  and added in the dtype the gain multiply happens in:
+
+  * "f32" (Gemma, tokamax, MaxText): everything in y's dtype, one cast to x.dtype at the end.
+  * "hf" (current transformers' ``LlamaRMSNorm``, checked against 5.x): y is rounded to x.dtype, then
+    multiplied in ``output_dtype`` (x's dtype promoted with the gain's and bias's), which is also
+    the result dtype: bfloat16 x with a float32 gain returns float32; float32 x with a bfloat16
+    gain returns float32 without any bfloat16 rounding.
+  * "hf_legacy" (the older ``LlamaRMSNorm`` that rounds to the weight dtype, as vendored by the
+    LayerNorm-Scaling and Mix-LN public code): when the gain is float16/bfloat16, y is rounded to
+    the gain's dtype and multiplied in it; otherwise as "f32". The result is in x.dtype.
   """
   check_choice(casting, "casting", CASTINGS)
   out_scale = check_scalar(out_scale, "out_scale")
   compute = y.dtype
+  if casting == "hf":
+    compute = output_dtype(casting, x.dtype, scale, bias)
+    y = y.astype(x.dtype).astype(compute)
   if scale is not None:
     w = expand_param(scale, x.shape, axes, "scale")
-    if casting == "llama" and jnp.dtype(w.dtype).itemsize < 4:
+    if casting == "hf_legacy" and jnp.dtype(w.dtype).itemsize < 4:
       compute = w.dtype
       y = y.astype(compute)
     w = (w.astype(compute) + jnp.asarray(scale_offset, compute)) * jnp.asarray(out_scale, compute)
@@ -93,7 +118,7 @@ def affine(y: Array, x: Array, axes: Sequence[int], scale: Array | None, bias: A
     y = y * jnp.asarray(out_scale, compute)
   if bias is not None:
     y = y + expand_param(bias, x.shape, axes, "bias").astype(compute)
-  return y.astype(x.dtype)
+  return y.astype(output_dtype(casting, x.dtype, scale, bias))
 
 
 def masked_mean(v: Array, mask: Array | None, axes: Sequence[int],

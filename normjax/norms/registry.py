@@ -58,7 +58,7 @@ class TokenOptions(Options):
   use_scale: bool = True
   use_bias: bool = False
   scale_offset: float = 0.0  # Gemma's (1 + w): the gain initializes to 0
-  casting: str = "f32"  # normjax.norms._util.CASTINGS
+  casting: str = "f32"  # normjax.norms._util.CASTINGS; "hf" returns x's dtype promoted with param_dtype
   param_dtype: Any = jnp.float32
 
   def __post_init__(self):

@@ -1,7 +1,8 @@
 """Per-token and per-group norms: LayerNorm, RMSNorm, Compressed RMSNorm, L2, DyT, fixed, group.
 
 All are pure functions of explicit parameters. Statistics are computed in float32 (float64 for
-float64 inputs), eps sits inside the square root, and the result comes back in ``x.dtype``.
+float64 inputs), eps sits inside the square root, and the result comes back in ``x.dtype`` (the
+token norms under ``casting="hf"``: promoted with the parameters' dtypes, as transformers does).
 Formulas, defaults and papers: ``docs/norms.md``.
 """
 
@@ -27,9 +28,11 @@ def layer_norm(x: Array, scale: Array | None = None, bias: Array | None = None, 
     eps: added to the variance inside the square root (Flax/Gemma default 1e-6).
     out_scale: LayerNorm Scaling factor 1/sqrt(layer index); a Python float or a traced 0-d array.
     scale_offset: Gemma-style ``1 + w`` parameterization (w zero-initialized), formed in float32.
-    casting: "f32" (one cast at the end) or "llama" (HF Llama order); see ``_util.affine``.
+    casting: "f32" (one cast at the end), "hf" (current transformers' LlamaRMSNorm order) or
+      "hf_legacy" (the older LlamaRMSNorm that rounds to the gain's dtype); see ``_util.affine``.
   Returns:
-    An array of x's shape and dtype. The variance is the two-pass E[(x - mean)^2], never clipped.
+    An array of x's shape and dtype (under "hf", x's dtype promoted with the parameters'). The
+    variance is the two-pass E[(x - mean)^2], never clipped.
   """
   axes = canonical_axes(x.ndim, axis)
   xf = x.astype(stat_dtype(x.dtype))
