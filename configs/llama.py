@@ -138,6 +138,10 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   c.data.tokenizer.update(v.get("tokenizer", {}))
   c.train = mlc.ConfigDict(dict(
       steps=v["steps"] if arg.steps is None else arg.steps,  # optimizer steps
+      # start from these weights and their architecture (the model section then only sets dtype,
+      # param_dtype, scan_layers, remat, norm.impl): a Hugging Face directory, a normjax model
+      # directory (python -m normjax.convert) or a training workdir; "" = a fresh init
+      init_from="",
       batch_size=v["batch_size"],  # global batch (split over the data and fsdp mesh axes)
       log_every=10,  # steps between metrics.jsonl rows
       eval_every=100,  # steps between validation passes (and one at the end; 0 = only at the end)

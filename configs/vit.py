@@ -41,7 +41,8 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
       num_layers=v["num_layers"] if arg.depth is None else arg.depth,  # blocks L
       d_model=v["d_model"],  # residual width
       num_heads=v["num_heads"],  # attention heads
-      mlp_dim=common.placeholder(int),  # GELU hidden width (None = 4d)
+      mlp=common.placeholder(str),  # gelu_tanh (None: big_vision's), gelu (exact), swiglu
+      mlp_dim=common.placeholder(int),  # hidden width (None = 4d)
       image_size=common.placeholder(int),  # square input side (None = from the dataset)
       patch_size=common.placeholder(int, v["patch_size"]),  # patch side (None = image_size // 4)
       channels=common.placeholder(int),  # input channels (None = from the dataset)
@@ -71,6 +72,10 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   ))
   c.train = mlc.ConfigDict(dict(
       steps=v["steps"] if arg.steps is None else arg.steps,  # optimizer steps
+      # start from these weights and their architecture (the model section then only sets dtype,
+      # param_dtype, scan_layers, remat, norm.impl): a Hugging Face directory, a normjax model
+      # directory (python -m normjax.convert) or a training workdir; "" = a fresh init
+      init_from="",
       batch_size=v["batch_size"],  # global batch (split over the data and fsdp mesh axes)
       log_every=10,  # steps between metrics.jsonl rows
       eval_every=100,  # steps between validation passes (and one at the end; 0 = only at the end)

@@ -29,7 +29,7 @@ from normjax.train import mesh as mesh_lib
 from normjax.train.optim import OptimConfig
 from normjax.validation import ConfigError, check_choice, closest, parse_value
 
-__all__ = ["MAY_CHANGE_ON_RESUME", "ConfigError", "Validated", "check_choice", "differences", "load",
+__all__ = ["MAY_CHANGE_ON_RESUME", "ConfigError", "Validated", "check_choice", "differences", "from_source", "load",
            "mesh_shape", "model_config", "parse_arg", "placeholder", "resume_changes", "section",
            "set_field", "validate"]
 
@@ -174,15 +174,38 @@ class Validated(NamedTuple):
 VOCAB_MULTIPLE = 128
 
 
+def from_source(config: mlc.ConfigDict) -> tuple[ModelConfig, dict[str, tuple[Any, Any]]]:
+  """With ``train.init_from``: the source's architecture with this config's numerics
+  (``interop.native.NUMERICS`` and ``model.norm.impl``), and ``{field: (config value, source
+  value)}`` for the config's other model fields the source overrides (reported at start-up)."""
+  from normjax import interop  # local: interop imports the models, which this module's users need
+
+  source = interop.source_config(config.train.init_from)
+  numerics = {key: config.model[key] for key in interop.native.NUMERICS}
+  cfg = source.replace(**numerics, norm=dataclasses.replace(source.norm, impl=config.model.norm.impl))
+  ours = _flat(config.model.to_dict())
+  theirs = _flat(dataclasses.asdict(cfg))
+  ignored = {f"model.{k}": (v, theirs[k]) for k, v in ours.items()
+             if v is not None and k in theirs and v != theirs[k] and not isinstance(v, Mapping)}
+  return cfg, ignored
+
+
 def model_config(config: mlc.ConfigDict, data_cfg: data.DataConfig) -> ModelConfig:
   """The ``ModelConfig`` of ``config.model``: the one place None fields that come from the dataset
   (a LLaMA's vocab_size, rounded up to a multiple of 128; a ViT's image_size, channels,
-  num_classes; patch_size = image_size // 4) are resolved."""
+  num_classes; patch_size = image_size // 4) are resolved. With ``train.init_from`` the
+  architecture is the source's (``from_source``)."""
+  if config.train.get("init_from"):
+    cfg, _ = from_source(config)
+    _check_kind(cfg.name, data_cfg)
+    if cfg.causal and cfg.vocab_size < data_cfg.vocab_size:
+      raise ConfigError(f"train.init_from={config.train.init_from!r} has a vocabulary of "
+                        f"{cfg.vocab_size}, smaller than the tokenizer's {data_cfg.vocab_size} "
+                        "(data.tokenizer): train with the source's own tokenizer")
+    _check_against_data(cfg, data_cfg)
+    return cfg
   values = config.model.to_dict()
-  expected_kind = "image" if values.get("name") == "vit" else "text"
-  if data_cfg.kind != expected_kind:
-    raise ConfigError(f"model.name={values.get('name')!r} needs {expected_kind} data, but "
-                      f"data.name={data_cfg.name!r} gives {data_cfg.kind}")
+  expected_kind = _check_kind(values.get("name"), data_cfg)
   if expected_kind == "text" and values.get("vocab_size") is None:
     # the tokenizer's size rounded up to a multiple of 128 (matmul tiles); the extra rows are never
     # a target, so training only pushes their logits down
@@ -198,6 +221,14 @@ def model_config(config: mlc.ConfigDict, data_cfg: data.DataConfig) -> ModelConf
   cfg = ModelConfig.from_dict(values)
   _check_against_data(cfg, data_cfg)
   return cfg
+
+
+def _check_kind(name: str, data_cfg: data.DataConfig) -> str:
+  expected_kind = "image" if name == "vit" else "text"
+  if data_cfg.kind != expected_kind:
+    raise ConfigError(f"model.name={name!r} needs {expected_kind} data, but "
+                      f"data.name={data_cfg.name!r} gives {data_cfg.kind}")
+  return expected_kind
 
 
 def _check_against_data(cfg: ModelConfig, d: data.DataConfig) -> None:

@@ -135,3 +135,31 @@ def test_export_refuses_models_hf_cannot_hold(saved, tmp_path):
   with pytest.raises(ConfigError, match="model.placement.kind='mix'"):
     to_hf(mix, tmp_path / "mix")
   assert not (tmp_path / "rms").exists() and not (tmp_path / "mix").exists()
+
+
+def test_fine_tune_from_a_hugging_face_directory_and_export_the_result(tmp_path, data_dir):
+  """``train.init_from`` on an HF directory: the first loss equals a start from the same weights
+  saved as a normjax model directory, and the fine-tuned workdir exports to a directory that
+  transformers loads to the same logits."""
+  from normjax import interop
+  from normjax.train import train
+  from tests.training import SMALL_LLAMA, load_config, train_losses
+
+  config = hf_models.CONFIGS["llama"]()
+  config.vocab_size = 256  # the byte-level corpus of the tiny config
+  torch.manual_seed(0)
+  transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "hf")
+  interop.save(from_hf(tmp_path / "hf")[1], tmp_path / "native")
+  overrides = {**SMALL_LLAMA, "train.steps": 3, "train.eval_every": 0, "ckpt.every": 3, "stats.every": 0}
+  losses = {}
+  for name in ("hf", "native"):
+    run = load_config("configs/llama.py:tiny", {**overrides, "train.init_from": str(tmp_path / name)},
+                      data_dir)
+    train(run, str(tmp_path / f"run_{name}"))
+    losses[name] = train_losses(tmp_path / f"run_{name}")
+  np.testing.assert_allclose(losses["hf"][1], losses["native"][1], rtol=1e-6)
+  cfg, tuned = interop.load(tmp_path / "run_hf")
+  to_hf(tuned, tmp_path / "tuned")
+  loaded = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "tuned").eval()
+  x = np.random.RandomState(1).randint(0, 256, (2, 9))
+  assert rel(tuned(jnp.asarray(x))[0], hf_models.logits(loaded, x)) < 1e-5

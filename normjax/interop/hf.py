@@ -97,15 +97,20 @@ def _import_tensors(tensors: dict[str, np.ndarray], family: Family, cfg: ModelCo
   return params
 
 
+def read_params(path: str | os.PathLike, cfg: ModelConfig) -> dict[str, Any]:
+  """The directory's tensors as normjax parameters (NumPy, stored dtype) for ``cfg`` (its
+  ``hf_config``, dtypes aside)."""
+  family = family_of(checkpoint_files.read_config(path))
+  return _import_tensors(checkpoint_files.read_tensors(path), family, cfg)
+
+
 def from_hf(path: str | os.PathLike, *, dtype: str | None = None, param_dtype: str | None = None
             ) -> tuple[ModelConfig, nnx.Module]:
   """``(ModelConfig, model)`` from a local HF directory (``config.json`` + safetensors, one file or
   sharded with an index); see the module docstring for dtypes. ViT models take images
   ``[B, H, W, C]`` (transformers' pixel_values transposed)."""
   cfg = hf_config(path, dtype=dtype, param_dtype=param_dtype)
-  family = family_of(checkpoint_files.read_config(path))
-  params = _import_tensors(checkpoint_files.read_tensors(path), family, cfg)
-  return cfg, models.with_params(cfg, params)
+  return cfg, models.with_params(cfg, read_params(path, cfg))
 
 
 def check_exportable(cfg: ModelConfig) -> Family:

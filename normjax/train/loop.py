@@ -33,7 +33,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec
 
 from normjax import config as config_lib
-from normjax import data, models
+from normjax import data, interop, models
 from normjax.train import distributed, signals
 from normjax.train import mesh as mesh_lib
 from normjax.train import workdir as workdir_lib
@@ -83,21 +83,25 @@ class Sharded(NamedTuple):
   decay: Any  # the weight-decay mask
 
 
-def build_sharded(config: mlc.ConfigDict, model_cfg: Any, sizes: dict[str, int]) -> Sharded:
+def build_sharded(config: mlc.ConfigDict, model_cfg: Any, sizes: dict[str, int],
+                  init_params: dict[str, Any] | None = None) -> Sharded:
   """The initial train state on a mesh of ``sizes`` and the compiled steps, as ``train`` and the
   benchmarks use them. The state is created already sharded: its shapes come from
   ``jax.eval_shape``, its values from one ``jit`` whose ``out_shardings`` are the state's, so each
-  device computes only its own shards and no host ever holds the whole state."""
+  device computes only its own shards and no host ever holds the whole state (except
+  ``init_params``, host arrays of pretrained weights, which every process reads in full)."""
   mesh = mesh_lib.make_mesh(sizes, config.mesh.across_processes)
   model, steps, decay = build_steps(config, model_cfg, abstract=True)
 
-  def init() -> dict[str, Any]:
-    return steps.init_state(models.build(model_cfg, seed=config.seed))
+  def init(params: dict[str, Any] | None) -> dict[str, Any]:
+    if params is None:
+      return steps.init_state(models.build(model_cfg, seed=config.seed))
+    return steps.init_state(models.with_params(model_cfg, params))
 
-  specs = state_specs(steps, model, jax.eval_shape(init), mesh)
+  specs = state_specs(steps, model, jax.eval_shape(init, init_params), mesh)
   state_shardings = mesh_lib.shardings(specs, mesh)
   batch_sharding = mesh_lib.batch_sharding(mesh)
-  state = jax.jit(init, out_shardings=state_shardings)()
+  state = jax.jit(init, out_shardings=state_shardings)(init_params)
   return Sharded(mesh, steps, state, specs, state_shardings, batch_sharding,
                  mesh_lib.BatchRows(batch_sharding, config.train.batch_size),
                  jit_steps(steps, state_shardings, batch_sharding), decay)
@@ -172,7 +176,11 @@ class _Run:
     info, self.train_data, self.val_data = _open_data(run.data, batch_size)
     self.items_per_step = batch_size * (run.data.seq_len if run.data.kind == "text" else 1)
     self.throughput_key = "tokens_per_second" if run.data.kind == "text" else "images_per_second"
-    self.sharded = build_sharded(config, run.model, run.mesh)
+    init_params = None
+    if config.train.init_from:  # read on every start: a failed restore falls back to these weights
+      init_params = distributed.everywhere("init-from", lambda: interop.read_params(
+          config.train.init_from, run.model))
+    self.sharded = build_sharded(config, run.model, run.mesh, init_params)
     self.vote = distributed.StopVote(self.sharded.mesh)
     state_bytes = sum(x.nbytes for x in jax.tree.leaves(self.sharded.state))
     distributed.on_primary("free-space", lambda: wd.require_free(state_bytes, "one checkpoint"))
@@ -198,6 +206,11 @@ class _Run:
   def _announce(self, info: dict[str, Any], restored: Restored | None) -> None:
     """config.json, the start-up files and lines, what the restore found (process 0)."""
     self.writer.write_config(self.config)
+    interop.native.write_model_json(self.wd.path, self.run.model)  # the workdir is a source too
+    if self.config.train.init_from:
+      _, ignored = config_lib.from_source(self.config)
+      print(f"weights and architecture from {self.config.train.init_from}" + "".join(
+          f"; {k}={ours!r} ignored (source: {theirs!r})" for k, (ours, theirs) in ignored.items()))
     _describe(self.wd.path, self.run, info, self.sharded, self.start)
     self._report_restore(restored)
 
