@@ -92,6 +92,14 @@ def analyze(workdir: str | pathlib.Path, *, num_batches: int = 4, threshold: flo
   config, steps, state = restore(workdir)
   batch = validation_batch(config, num_batches)
   model = steps.model(state["params"], state["norm_state"])
+  return write_analysis(workdir, model, batch, threshold, checkpoint_step=int(state["step"]),
+                        num_batches=num_batches, batch_size=config.train.batch_size)
+
+
+def write_analysis(workdir: pathlib.Path, model: Any, batch: dict[str, np.ndarray], threshold: float,
+                   **about: Any) -> dict[str, Any]:
+  """The removal losses of ``model`` on ``batch`` and the angular distances of the workdir's last
+  statistics row, written as ``depth_analysis.json`` (see ``analyze``); ``about`` is recorded."""
   losses = np.asarray(stats.removal_losses(model, batch, lambda logits, b: task_loss(logits, b)[0]),
                       np.float64)  # [L+1]: full model, then without block 1..L
   full, removed = losses[0], losses[1:]
@@ -99,8 +107,7 @@ def analyze(workdir: str | pathlib.Path, *, num_batches: int = 4, threshold: flo
   stats_rows = read_jsonl(workdir / "stats.jsonl")
   angular = np.asarray(stats_rows[-1]["angular_distance"], np.float64) if stats_rows else None
   result = {
-      "checkpoint_step": int(state["step"]), "num_batches": num_batches,
-      "batch_size": config.train.batch_size, "threshold": threshold,
+      **about, "threshold": threshold,
       "full_loss": full, "removed_loss": removed, "loss_increase": removed - full,
       "relative_increase": relative,
       "removable_fraction": float(np.mean(relative < threshold)),

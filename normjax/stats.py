@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from normjax.data.batches import packing
 from normjax.params import Kernel, per_layer, variables
 from normjax.treeutil import path_names
 
@@ -64,11 +65,12 @@ def removal_losses(model: nnx.Module, batch: Any, loss_fn: Callable[[Array, Any]
   """``[L+1]``: the loss of the full model (index 0) and with block l (1..L) removed.
 
   ``loss_fn(logits, batch) -> scalar``; the model is called as ``model(inputs, skip_layer=l)`` with
-  ``inputs = batch["inputs"]`` in eval mode. One compilation serves every l.
+  ``inputs = batch["inputs"]`` (and a packed batch's segment ids and positions) in eval mode. One
+  compilation serves every l.
   """
   @nnx.jit
   def loss_without(model, batch, layer):
-    logits, _ = model(batch["inputs"], skip_layer=layer)
+    logits, _ = model(batch["inputs"], skip_layer=layer, **packing(batch))
     return loss_fn(logits, batch)
 
   return jnp.stack([loss_without(model, batch, jnp.asarray(layer))

@@ -65,3 +65,26 @@ def logits(model, x: np.ndarray) -> np.ndarray:
     else:
       out = model(torch.tensor(x))
   return out.logits.float().numpy()
+
+
+def text_file(path: pathlib.Path) -> pathlib.Path:
+  """A local text file of a few thousand words (this repository's Python sources, concatenated)."""
+  root = pathlib.Path(__file__).resolve().parents[1] / "normjax"
+  path.write_text("\n".join(p.read_text() for p in sorted(root.rglob("*.py"))[:12]))
+  return path
+
+
+def save_with_tokenizer(name: str, path: pathlib.Path, text: pathlib.Path, *, vocab: int = 300,
+                        **kwargs) -> object:
+  """A decoder of ``CONFIGS[name]`` whose vocabulary is a byte-level BPE (``tokenizer.json`` in the
+  directory, as on the Hub) trained on ``text``: what ``experiments.analyze --hf`` reads."""
+  from normjax.data import tokenizers
+  path.mkdir(parents=True, exist_ok=True)
+  tokenizers.train("hf", text.read_text().splitlines(), vocab, str(path / "tokenizer.json"))
+  size = tokenizers.HuggingFace(str(path / "tokenizer.json")).vocab_size
+  config = CONFIGS[name]()
+  config.vocab_size = size
+  torch.manual_seed(kwargs.pop("seed", 0))
+  model = getattr(transformers, CLASSES[config.model_type])(config).eval()
+  model.save_pretrained(path)
+  return model

@@ -163,3 +163,46 @@ def test_fine_tune_from_a_hugging_face_directory_and_export_the_result(tmp_path,
   loaded = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "tuned").eval()
   x = np.random.RandomState(1).randint(0, 256, (2, 9))
   assert rel(tuned(jnp.asarray(x))[0], hf_models.logits(loaded, x)) < 1e-5
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_analyze_an_imported_model_on_a_text_file(tmp_path, data_dir, name):
+  """``python -m experiments.analyze --hf DIR --text FILE`` writes a workdir the notebooks read;
+  each removal loss equals the loss of the model rebuilt without that block (an (L-1)-block model
+  holding the other blocks' parameters, not ``skip_layer``), and the full loss is its eval loss."""
+  import argparse
+  import sys
+
+  import jax
+
+  from experiments import analyze, depth_analysis
+  from normjax import models
+  from normjax.train.step import task_loss
+  sys.path.insert(0, str(hf_models.pathlib.Path(__file__).resolve().parents[1] / "notebooks"))
+  import _plots
+
+  text = hf_models.text_file(tmp_path / "corpus.txt")
+  hf_models.save_with_tokenizer(name, tmp_path / "hf", text)
+  args = ["--hf", str(tmp_path / "hf"), "--text", str(text), "--workdir", str(tmp_path / "runs" / name),
+          "--seq-len", "32", "--batch-size", "4", "--num-batches", "2", "--data-dir", str(data_dir)]
+  assert analyze.main(args) == 0
+  workdir = tmp_path / "runs" / name
+  result = json.loads((workdir / depth_analysis.ANALYSIS).read_text())
+  (run,) = _plots.load_runs(tmp_path / "runs")
+  assert (run["model"], run["depth"], _plots.resid_var(run).shape) == (name, 2, (1, 3))
+  eval_row = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()][0]
+  np.testing.assert_allclose(eval_row["eval/loss"], result["full_loss"], rtol=1e-6)
+  cfg, model = from_hf(tmp_path / "hf")
+  config = analyze.measurement_config(argparse.Namespace(
+      hf=str(tmp_path / "hf"), text=str(text), tokenizer="", batch_size=4, num_batches=2, seq_len=32,
+      data_dir=str(data_dir)), workdir)
+  batch = depth_analysis.validation_batch(config, 2)
+  params = models.params_of(model)
+  for removed in range(cfg.num_layers):
+    blocks = jax.tree.map(lambda a: np.delete(np.asarray(a), removed, axis=0), params["stack"]["blocks"])
+    smaller = models.with_params(cfg.replace(num_layers=cfg.num_layers - 1),
+                                 {**params, "stack": {"blocks": blocks}})
+    logits, _ = smaller(jnp.asarray(batch["inputs"]), segment_ids=jnp.asarray(batch["segment_ids"]),
+                        positions=jnp.asarray(batch["positions"]))
+    loss = float(task_loss(logits, batch)[0])
+    np.testing.assert_allclose(result["removed_loss"][removed], loss, rtol=1e-5)

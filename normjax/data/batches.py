@@ -101,6 +101,15 @@ def windows_per_chunk(seq_len: int) -> int:
   return (corpus.CHUNK_LEN + 1) // (seq_len + 1)
 
 
+PACKING = ("segment_ids", "positions")  # the batch keys of packed documents (the model's inputs)
+
+
+def packing(batch: dict[str, Any]) -> dict[str, Any]:
+  """The packed-document inputs of a batch (``segment_ids``, ``positions``), if it has them: the
+  keyword arguments a decoder's forward takes besides ``inputs``."""
+  return {key: batch[key] for key in PACKING if key in batch}
+
+
 def packed_batch(windows: np.ndarray, eos: int, boundary_loss: bool = False) -> Batch:
   """``[B, T + 1]`` token windows of a packed stream (every document ends with ``eos``) -> the LM
   batch, ``int32 [B, T]`` each: ``inputs``, ``targets`` (the next token), ``segment_ids`` (1, 2,

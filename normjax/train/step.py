@@ -20,6 +20,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from normjax import norms, stats, variance
+from normjax.data.batches import packing
 from normjax.treeutil import path_names
 
 Array = jax.Array
@@ -44,9 +45,6 @@ class Codec:
     return jax.tree.unflatten(self.state_def, jax.tree.leaves(pure))
 
 
-PACKING = ("segment_ids", "positions")  # the batch keys of packed documents (the model's inputs)
-
-
 def task_loss(logits: Array, batch: dict[str, Array]) -> tuple[Array, dict[str, Array]]:
   """Next-token cross-entropy (``targets``; averaged over the tokens ``loss_mask`` keeps, when the
   batch has one) or classification cross-entropy and accuracy (``labels``)."""
@@ -61,11 +59,6 @@ def task_loss(logits: Array, batch: dict[str, Array]) -> tuple[Array, dict[str, 
     return total / jnp.maximum(count, 1.0), {}
   loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"]).mean()
   return loss, {"accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["labels"])}
-
-
-def packing(batch: dict[str, Array]) -> dict[str, Array]:
-  """The packed-document inputs of a batch (``segment_ids``, ``positions``), if it has them."""
-  return {key: batch[key] for key in PACKING if key in batch}
 
 
 class Steps:
