@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests import hf_models  # skips this module where torch is absent (the 3.12 leg)
+import hf_models  # skips this module where torch is absent (the 3.12 leg)
 
 from normjax import convert  # noqa: E402
 from normjax.config import ConfigError  # noqa: E402
@@ -143,7 +143,7 @@ def test_fine_tune_from_a_hugging_face_directory_and_export_the_result(tmp_path,
   transformers loads to the same logits."""
   from normjax import interop
   from normjax.train import train
-  from tests.training import SMALL_LLAMA, load_config, train_losses
+  from training import SMALL_LLAMA, load_config, train_losses
 
   config = hf_models.CONFIGS["llama"]()
   config.vocab_size = 256  # the byte-level corpus of the tiny config

@@ -12,7 +12,7 @@ import pytest
 from normjax import convert, interop, models
 from normjax.config import ConfigError
 from normjax.train import train
-from tests.training import CLI_ENV, SMALL_LLAMA, load_config, train_losses
+from training import CLI_ENV, SMALL_LLAMA, load_config, train_losses
 
 LN_LLAMA = {**SMALL_LLAMA, "model.norm.kind": "layer_norm", "train.steps": 4, "train.eval_every": 0,
             "ckpt.every": 4, "stats.every": 0}

@@ -1,4 +1,4 @@
-"""LLaMA and ViT: every placement x a representative set of norms (forward, gradient, scan == unrolled,
+"""LLaMA, GPT-2 and ViT: every placement x a representative set of norms (forward, gradient, scan == unrolled,
 statistics), stateful and weight-space kinds, dtypes, remat and parameter metadata.
 
 The placement x norm x model grid runs pairwise in CI (every placement with rms_norm and every norm
@@ -19,13 +19,15 @@ from normjax.nn.nnx import NormState
 
 PLACEMENTS = placements.names()
 REPRESENTATIVE_NORMS = ["layer_norm", "rms_norm", "dyt"]
-MODEL_GRID = [(name, placement, norm) for name in ("llama", "vit") for placement in PLACEMENTS
+MODEL_GRID = [(name, placement, norm) for name in ("llama", "gpt2", "vit") for placement in PLACEMENTS
               for norm in REPRESENTATIVE_NORMS]
 MODEL_FAST = ([(name, placement, "rms_norm") for name in ("llama", "vit") for placement in PLACEMENTS]
               + [(name, "pre", norm) for name in ("llama", "vit") for norm in ("layer_norm", "dyt")]
               # their own code: LNS's out_scale folded into a biased LayerNorm, and multiplied after
               # a kind without out_scale (dyt); Mix-LN's traced switch with a biased norm
-              + [("llama", "lns", "layer_norm"), ("vit", "lns", "dyt"), ("vit", "mix", "layer_norm")])
+              + [("llama", "lns", "layer_norm"), ("vit", "lns", "dyt"), ("vit", "mix", "layer_norm")]
+              # the GPT-2 family: learned positions, GELU, biases, on the same block
+              + [("gpt2", "pre", "layer_norm"), ("gpt2", "peri", "rms_norm")])
 
 
 def small(name: str, placement: str = "pre", norm: str | NormConfig = "rms_norm", **changes) -> ModelConfig:
@@ -40,7 +42,7 @@ def small(name: str, placement: str = "pre", norm: str | NormConfig = "rms_norm"
 
 def inputs(name: str, seed: int = 0) -> jax.Array:
   rng = np.random.default_rng(seed)
-  if name == "llama":
+  if name != "vit":
     return jnp.asarray(rng.integers(0, 32, size=(2, 6)))
   return jnp.asarray(rng.normal(size=(2, 8, 8, 1)), jnp.float32)
 
@@ -155,9 +157,10 @@ def test_grouped_query_heads_and_tied_embeddings():
   assert logits.shape == (2, 6, 32)
 
 
-def test_causality():
-  model = build(small("llama"))
-  tokens = inputs("llama")
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_causality(name):
+  model = build(small(name))
+  tokens = inputs(name)
   changed = tokens.at[:, -1].set((tokens[:, -1] + 1) % 32)
   a, _ = model(tokens)
   b, _ = model(changed)
@@ -165,12 +168,13 @@ def test_causality():
   assert not np.allclose(a[:, -1], b[:, -1])
 
 
-@pytest.mark.parametrize("placement, scan", [("pre", True), ("peri", False)])
-def test_a_packed_row_of_two_documents_gives_each_document_its_own_logits(placement, scan):
+@pytest.mark.parametrize("name, placement, scan", [("llama", "pre", True), ("llama", "peri", False),
+                                                   ("gpt2", "pre", True)])
+def test_a_packed_row_of_two_documents_gives_each_document_its_own_logits(name, placement, scan):
   """Row = document A (5 tokens), document B (7 tokens), 4 padding tokens: with segment_ids and
   positions, A's and B's logits equal those of A alone and B alone (attention stays inside a
-  document, RoPE restarts), and so do their statistics-step logits."""
-  model = build(small("llama", placement, scan_layers=scan))
+  document, RoPE or the learned positions restart), and so do their statistics-step logits."""
+  model = build(small(name, placement, scan_layers=scan))
   rng = np.random.default_rng(3)
   a, b = rng.integers(1, 32, size=5), rng.integers(1, 32, size=7)
   row = jnp.asarray(np.concatenate([a, b, np.zeros(4, int)]))[None]

@@ -80,6 +80,22 @@ def test_tiny_bpe_trains_on_packed_bpe_tokens_and_resumes_bitwise(tmp_path, data
   assert train_losses(resumed) == losses
 
 
+def test_gpt2_variant_learns_and_refuses_sequences_past_its_positions(tmp_path, data_dir):
+  """configs/llama.py:gpt2_tiny: the GPT-2 family (learned positions, tanh GELU, biases, tied
+  LayerNorm model) trains on the same data; a sequence longer than its learned positions is a
+  config error before anything is built."""
+  config = load_config("configs/llama.py:gpt2_tiny", {**SMALL_LLAMA, "optim.lr": 1e-2}, data_dir)
+  train(config, str(tmp_path / "run"))
+  losses = train_losses(tmp_path / "run")
+  assert np.mean([losses[s] for s in range(16, 21)]) < losses[1] - 1.0, losses
+  model = json.loads((tmp_path / "run" / "model.json").read_text())
+  assert (model["name"], model["tie_embeddings"], model["norm"]["kind"]) == ("gpt2", True, "layer_norm")
+  too_long = load_config("configs/llama.py:gpt2_tiny", {**SMALL_LLAMA, "model.max_positions": 16},
+                         data_dir)
+  with pytest.raises(ConfigError, match="data.seq_len=32 exceeds model.max_positions=16"):
+    train(too_long, str(tmp_path / "long"))
+
+
 def test_vit_run_on_local_images(tmp_path, data_dir):
   config = load_config("configs/vit.py:tiny", {"train.steps": 20, "train.batch_size": 32,
                                                 "train.eval_every": 20, "stats.every": 10,
