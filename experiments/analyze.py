@@ -34,7 +34,7 @@ from flax import nnx
 
 from experiments import depth_analysis, sweep
 from normjax import config as config_lib
-from normjax import data, interop
+from normjax import interop
 from normjax.config import ConfigError
 from normjax.data.batches import packing
 from normjax.train.step import depth_statistics, task_loss

@@ -29,9 +29,9 @@ from normjax.train import mesh as mesh_lib
 from normjax.train.optim import OptimConfig
 from normjax.validation import ConfigError, check_choice, closest, parse_value
 
-__all__ = ["MAY_CHANGE_ON_RESUME", "ConfigError", "Validated", "check_choice", "differences", "from_source", "load",
-           "mesh_shape", "model_config", "parse_arg", "placeholder", "resume_changes", "section",
-           "set_field", "validate"]
+__all__ = ["MAY_CHANGE_ON_RESUME", "ConfigError", "Validated", "check_choice", "differences",
+           "from_source", "load", "mesh_shape", "model_config", "parse_arg", "placeholder",
+           "resume_changes", "section", "set_field", "validate"]
 
 
 def placeholder(kind: type, value: Any = None) -> FieldReference:
