@@ -134,7 +134,11 @@ def test_export_refuses_models_hf_cannot_hold(saved, tmp_path):
   mix = models.build(model.cfg.replace(placement=model.cfg.placement.__class__(kind="mix")))
   with pytest.raises(ConfigError, match="model.placement.kind='mix'"):
     to_hf(mix, tmp_path / "mix")
-  assert not (tmp_path / "rms").exists() and not (tmp_path / "mix").exists()
+  from normjax.models.config import FixedNormConfig, FixedStd
+  ln_free = models.build(model.cfg.replace(fixed_norm=FixedNormConfig(final=FixedStd((1.0,)))))
+  with pytest.raises(ConfigError, match=r"model.fixed_norm=\('final',\)"):
+    to_hf(ln_free, tmp_path / "ln_free")  # GPT2LMHeadModel would silently get its LayerNorm back
+  assert not any((tmp_path / name).exists() for name in ("rms", "mix", "ln_free"))
 
 
 def test_fine_tune_from_a_hugging_face_directory_and_export_the_result(tmp_path, data_dir):

@@ -30,7 +30,7 @@ BASE = dict(num_layers=3, d_model=16, num_heads=4, vocab_size=32, image_size=8, 
     (dict(dtype="float16"), r"model.dtype='float16' is not valid; choose one of \['float32', 'bfloat16'\]"),
     (dict(remat="some"), r"model.remat='some'"),
     (dict(init=InitConfig("xavier")), r"model.init.scheme='xavier'.*'lir'"),
-    (dict(name="gpt"), r"model.name='gpt'.*\['llama', 'vit'\]"),
+    (dict(name="gpt"), r"model.name='gpt'.*\['llama', 'gpt2', 'vit'\]"),
 ])
 def test_bad_model_configs_fail_before_building(changes, match):
   with pytest.raises(ValueError, match=match):

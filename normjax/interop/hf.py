@@ -125,7 +125,8 @@ def check_exportable(cfg: ModelConfig) -> Family:
             "model.placement.embed_norm": (cfg.placement.embed_norm, False),
             "model.norm.kind": (norms.get(cfg.norm.kind).name, kind),
             "model.compressed": (cfg.compressed, False),
-            "model.zero_mean_writers": (cfg.zero_mean_writers, False)}
+            "model.zero_mean_writers": (cfg.zero_mean_writers, False),
+            "model.fixed_norm": (cfg.fixed_norm.slots, ())}  # LayerNorm removal: no HF class has it
   if options is not None:
     wanted.update({"model.norm.options.use_scale": (options.use_scale, True),
                    "model.norm.options.use_bias": (options.use_bias, bias),

@@ -9,6 +9,7 @@ choices, so a ``ModelConfig`` that exists is valid and nothing downstream checks
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -70,6 +71,60 @@ class InitConfig:
   std: float = 0.02  # sigma of every normal initializer before the scheme's per-layer factor
 
 
+def _floats(value: Any, field: str) -> tuple[float, ...] | None:
+  if value is None:
+    return None
+  try:
+    return tuple(float(v) for v in value)
+  except (TypeError, ValueError):
+    raise ConfigError(f"FixedStd.{field}={value!r} must be a list of floats (one per layer)") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class FixedStd:
+  """The fixed std of one LayerNorm-removal slot: one value per layer (the final norm: one)."""
+  std: tuple[float, ...]
+  # the first position's own std per layer (a document's first token, where the residual norm is
+  # largest): the paper's special treatment of the BOS position until the end; None = std
+  first: tuple[float, ...] | None = None
+
+  def __post_init__(self):  # JSON gives lists: stored as tuples, so a round trip compares equal
+    object.__setattr__(self, "std", _floats(self.std, "std"))
+    object.__setattr__(self, "first", _floats(self.first, "first"))
+
+
+@dataclasses.dataclass(frozen=True)
+class FixedNormConfig:
+  """LayerNorm removal (Heimersheim 2024, arXiv:2409.13710): the Pre-LN norm readers that divide by
+  a fixed std instead of each token's own (``fixed_norm`` with the LayerNorm's gain and bias).
+
+  A slot left None is a LayerNorm. The stds are architecture, not weights: they live here, so
+  ``model.json`` carries them, and the model holds them as non-trainable ``NormState``.
+  """
+  mlp_in: FixedStd | None = None  # ln_2, the MLP's input norm, in every block
+  attn_qk: FixedStd | None = None  # ln_1 as the attention's queries and keys read it
+  attn_v: FixedStd | None = None  # ln_1 as the attention's values read it
+  final: FixedStd | None = None  # ln_f, the norm before the head (one std, no first-position std)
+
+  def __post_init__(self):
+    for slot in FIXED_SLOTS:
+      value = getattr(self, slot)
+      if isinstance(value, Mapping):
+        try:
+          object.__setattr__(self, slot, FixedStd(**value))
+        except TypeError as error:
+          raise ConfigError(f"model.fixed_norm.{slot}={dict(value)!r}: {error}; fields: "
+                            f"{[f.name for f in dataclasses.fields(FixedStd)]}") from None
+
+  @property
+  def slots(self) -> tuple[str, ...]:
+    """The fixed slots, in ``FIXED_SLOTS`` order."""
+    return tuple(slot for slot in FIXED_SLOTS if getattr(self, slot) is not None)
+
+
+FIXED_SLOTS = tuple(f.name for f in dataclasses.fields(FixedNormConfig))
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   name: str = "llama"  # "llama" / "gpt2" (causal decoders) or "vit" (image classifier)
@@ -98,6 +153,7 @@ class ModelConfig:
   norm: NormConfig = NormConfig()
   placement: PlacementConfig = PlacementConfig()
   init: InitConfig = InitConfig()
+  fixed_norm: FixedNormConfig = FixedNormConfig()  # LayerNorm removal: readers with a fixed std
   dtype: str = "float32"  # compute dtype
   param_dtype: str = "float32"  # parameter storage dtype
   scan_layers: bool = True  # nnx.scan over depth (False: a Python loop with static layer indices)
@@ -147,7 +203,8 @@ class ModelConfig:
   def from_dict(cls, values: Mapping[str, Any]) -> ModelConfig:
     """From a plain (nested) dict such as ``config.model.to_dict()``; unknown keys are errors."""
     values = dict(values)
-    sub = {"norm": NormConfig, "placement": PlacementConfig, "init": InitConfig}
+    sub = {"norm": NormConfig, "placement": PlacementConfig, "init": InitConfig,
+           "fixed_norm": FixedNormConfig}
     known = {f.name for f in dataclasses.fields(cls)}
     for key in values:
       if key not in known:
@@ -218,6 +275,34 @@ def _check(cfg: ModelConfig) -> None:
   if cfg.init.scheme == "scaled" and placement.name == "lns":
     raise ConfigError("model.init.scheme='scaled' with model.placement.kind='lns': LayerNorm Scaling "
                       "must not be combined with scaled init (LNS paper, Table 4); use 'normal'")
+  _check_fixed(cfg, spec)
+
+
+def _check_fixed(cfg: ModelConfig, spec: norms.NormSpec) -> None:
+  """LayerNorm removal applies to a Pre-LN decoder's LayerNorms; each slot holds one positive std
+  per layer (the final norm: one, without a first-position std)."""
+  fixed = cfg.fixed_norm
+  if not fixed.slots:
+    return
+  why = f"model.fixed_norm sets {list(fixed.slots)}"
+  for field, value, choices in (("model.name", cfg.name, ("gpt2", "llama")),
+                                ("model.norm.kind", spec.name, ("layer_norm",)),
+                                ("model.placement.kind", cfg.placement.kind, ("pre",)),
+                                ("model.placement.embed_norm", cfg.placement.embed_norm, (False,))):
+    if value not in choices:  # the recipe removes the LayerNorms of a Pre-LN decoder
+      raise ConfigError(f"{field}={value!r} is not valid when {why}; choose one of {list(choices)}")
+  if fixed.final is not None and not cfg.placement.final_norm:
+    raise ConfigError("model.fixed_norm.final is set but model.placement.final_norm=False: there "
+                      "is no final norm to fix")
+  for slot in fixed.slots:
+    entry, count = getattr(fixed, slot), 1 if slot == "final" else cfg.num_layers
+    if slot == "final" and entry.first is not None:
+      raise ConfigError(f"model.fixed_norm.final.first={entry.first!r}: the final norm has one std "
+                        "for every position; set None")
+    for name, values in (("std", entry.std), ("first", entry.first)):
+      if values is not None and (len(values) != count or not all(0 < v < math.inf for v in values)):
+        raise ConfigError(f"model.fixed_norm.{slot}.{name}={values!r} must hold {count} positive "
+                          f"finite std(s) ({'one' if count == 1 else 'one per layer'})")
 
 
 def _check_norm(norm: NormConfig) -> norms.NormSpec:

@@ -7,11 +7,13 @@ loop's sharding rules. Compute happens in ``dtype``; parameters are stored in ``
 
 The norms of a model are built here (``activation_norm``): the XLA reference of the registry, or,
 for the kinds with a fused kernel and ``model.norm.impl`` other than ``xla``, the
-``pallas_kernels`` op of the same name (``KernelNorm``) with the same parameters.
+``pallas_kernels`` op of the same name (``KernelNorm``) with the same parameters. LayerNorm removal
+(``ModelConfig.fixed_norm``) makes a norm a ``RemovableLayerNorm``: same parameters, fixed stds.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -22,7 +24,7 @@ import pallas_kernels
 from normjax import norms
 from normjax.axes import BATCH_AXES
 from normjax.nn.nnx import Norm
-from normjax.params import Bias, Kernel
+from normjax.params import Bias, Kernel, NormState
 
 Array = jax.Array
 
@@ -137,12 +139,15 @@ class Attention(nnx.Module):
     self.rope_theta = cfg.rope_theta if cfg.position_kind == "rope" else None
 
   def __call__(self, x: Array, *, train: bool = False, collect_stats: bool = False,
-               segments: Segments | None = None) -> tuple[Array, dict[str, Array]]:
+               segments: Segments | None = None, v_input: Array | None = None
+               ) -> tuple[Array, dict[str, Array]]:
+    """``x [B, T, w]`` feeds q and k, and v unless ``v_input [B, T, w]`` is given (LayerNorm
+    removal switches the values' norm apart from the queries' and keys')."""
     heads, kv, hd = self.shape
     b, t, _ = x.shape
     q = self.q(x, train=train).reshape(b, t, heads, hd)
     k = self.k(x, train=train).reshape(b, t, kv, hd)
-    v = self.v(x, train=train).reshape(b, t, kv, hd)
+    v = self.v(x if v_input is None else v_input, train=train).reshape(b, t, kv, hd)
     positions, mask = (None, None) if segments is None else (segments.positions, segments.mask())
     if self.rope_theta is not None:
       q, k = rope(q, self.rope_theta, positions), rope(k, self.rope_theta, positions)
@@ -219,14 +224,70 @@ class KernelNorm(Norm):
         scale_offset=o.scale_offset, casting=o.casting, impl=self.impl, row_axes=BATCH_AXES, **fusions)
 
 
+class RemovableLayerNorm(Norm):
+  """A LayerNorm (the registry's ``layer_norm``: same parameters, same options) whose ``fixed``
+  readers see the per-token std replaced by a fixed value: ``fixed_norm`` with this norm's gain
+  and bias, the LayerNorm-removal recipe (Heimersheim 2024, arXiv:2409.13710).
+
+  ``fixed`` maps a reader to ``(std, first)`` for this layer: "main" reads the norm as the sublayer
+  (or head) does; "v" is the attention's values, whose norm the recipe switches apart from the
+  queries' and keys'. ``first`` (or None) is the first position's own std. Both are ``NormState``
+  (``fixed_<reader>``, ``fixed_<reader>_first``): never trained, carried in checkpoints.
+  """
+
+  def __init__(self, features: int, fixed: Mapping[str, tuple[Any, Any]], *,
+               rngs: nnx.Rngs | None = None, **options: Any):
+    super().__init__("layer_norm", features, rngs=rngs, **options)
+    for reader, (std, first) in fixed.items():
+      setattr(self, f"fixed_{reader}", NormState(jnp.asarray(std, jnp.float32)))
+      if first is not None:
+        setattr(self, f"fixed_{reader}_first", NormState(jnp.asarray(first, jnp.float32)))
+    self.fixed_readers = tuple(fixed)
+    self.first_readers = tuple(reader for reader, (_, first) in fixed.items() if first is not None)
+
+  def __call__(self, x: Array, *, train: bool = False, reader: str = "main",
+               first: Array | None = None, **call_options: Any) -> Array:
+    """``x [..., d] -> [..., d]`` as ``reader`` sees it; ``first`` (bool ``[...]``) marks the
+    positions that take the first-position std."""
+    if reader not in self.fixed_readers:
+      return super().__call__(x, train=train, **call_options)
+    std = getattr(self, f"fixed_{reader}")[...]
+    if reader in self.first_readers:
+      if first is None:
+        raise ValueError(f"reader {reader!r} has a first-position std: pass first=")
+      std = jnp.where(first[..., None], getattr(self, f"fixed_{reader}_first")[...], std)
+    o = self.options
+    params = {name: getattr(self, name)[...] for name in self.param_names}
+    return norms.fixed_norm(x, std, params.get("scale"), params.get("bias"), axis=o.axis,
+                            scale_offset=o.scale_offset, casting=o.casting)
+
+
 def uses_kernel(cfg: Any) -> bool:
   """Whether the model's residual-stream norms are ``KernelNorm`` (``model.norm.impl`` not xla, a
   kind with a fused kernel)."""
   return cfg.norm.impl != "xla" and cfg.norm.kind in pallas_kernels.KINDS
 
 
-def activation_norm(cfg: Any, rngs: nnx.Rngs | None = None) -> Norm | None:
-  """A residual-stream norm of the configured kind (None for weight-space kinds)."""
+def fixed_readers(cfg: Any, slots: Mapping[str, str], layer: Any = None
+                  ) -> dict[str, tuple[Any, Any]]:
+  """``{reader: (std, first)}`` of one norm from ``cfg.fixed_norm`` (scalars; ``first`` may be
+  None); ``slots`` maps a reader to its config slot (``{"main": "mlp_in"}``), ``layer`` (1-based,
+  may be traced) picks a block's values, None the final norm's one."""
+  def pick(values: tuple[float, ...]) -> Array:
+    if layer is None:
+      return jnp.asarray(values[0], jnp.float32)
+    return jnp.asarray(values, jnp.float32)[jnp.asarray(layer, jnp.int32) - 1]
+
+  entries = {reader: getattr(cfg.fixed_norm, slot) for reader, slot in slots.items()}
+  return {reader: (pick(e.std), None if e.first is None else pick(e.first))
+          for reader, e in entries.items() if e is not None}
+
+
+def activation_norm(cfg: Any, rngs: nnx.Rngs | None = None, *,
+                    fixed: Mapping[str, tuple[Any, Any]] | None = None) -> Norm | None:
+  """A residual-stream norm of the configured kind (None for weight-space kinds); a
+  ``RemovableLayerNorm`` when some reader divides by a fixed std (``fixed``, as ``fixed_readers``
+  returns it)."""
   spec = norms.get(cfg.norm.kind)
   if spec.acts_on == "weights":
     return None
@@ -235,6 +296,8 @@ def activation_norm(cfg: Any, rngs: nnx.Rngs | None = None) -> Norm | None:
     options["param_dtype"] = cfg.param_dtype  # one home: model.param_dtype (options may not set it)
   if "batch_axes" in spec.defaults:
     options.setdefault("batch_axes", (0, 1))  # group statistics per token, never across positions
+  if fixed:
+    return RemovableLayerNorm(cfg.width, fixed, rngs=rngs, **options)
   if uses_kernel(cfg):  # a model's norms: the last axis
     return KernelNorm(spec.name, cfg.width, impl=cfg.norm.impl, rngs=rngs, **options)
   if "num_groups" in spec.defaults or spec.name == "evonorm_b0":
@@ -244,9 +307,13 @@ def activation_norm(cfg: Any, rngs: nnx.Rngs | None = None) -> Norm | None:
   return Norm(spec.name, example, rngs=rngs, **options)
 
 
-def call_norm(norm: Norm | None, x: Array, *, train: bool, out_scale: Any = None) -> Array:
-  """Applies ``norm`` (identity when None); out_scale is folded in where the kind supports it."""
-  if norm is None:
+def call_norm(norm: Norm | None, x: Array, *, train: bool, out_scale: Any = None,
+              first: Array | None = None) -> Array:
+  """Applies ``norm`` (identity when None); out_scale is folded in where the kind supports it.
+  ``first`` (bool ``[B, T]``) marks first positions for a ``RemovableLayerNorm``'s own std."""
+  if isinstance(norm, RemovableLayerNorm):
+    y = norm(x, train=train, first=first)
+  elif norm is None:
     y = x
   elif out_scale is not None and "out_scale" in norms.get(norm.kind).call_options:
     return norm(x, train=train, out_scale=out_scale)

@@ -23,7 +23,7 @@ from flax import nnx
 
 from normjax.models.block import Stack
 from normjax.models.config import ModelConfig
-from normjax.models.layers import Dense, Segments, activation_norm, call_norm, param
+from normjax.models.layers import Dense, Segments, activation_norm, call_norm, fixed_readers, param
 
 Array = jax.Array
 
@@ -37,7 +37,8 @@ class Llama(nnx.Module):
                            (None, "embed")) if cfg.position_kind == "learned" else None)
     self.embed_norm = activation_norm(cfg, rngs) if cfg.placement.embed_norm else None
     self.stack = Stack(cfg, rngs)
-    self.final_norm = activation_norm(cfg, rngs) if cfg.placement.final_norm else None
+    self.final_norm = (activation_norm(cfg, rngs, fixed=fixed_readers(cfg, {"main": "final"}))
+                       if cfg.placement.final_norm else None)
     self.head = None if cfg.tie_embeddings else Dense(
         cfg.width, cfg.vocab_size, ("embed", "vocab"), std=cfg.init.std, use_bias=cfg.use_bias,
         dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)

@@ -119,28 +119,41 @@ def dyt(x: Array, alpha: Any, scale: Array | None = None, bias: Array | None = N
 
 
 def fixed_norm(x: Array, std: Any, scale: Array | None = None, bias: Array | None = None, *,
-               axis: Axis = -1, center: bool = True) -> Array:
+               axis: Axis = -1, center: bool = True, scale_offset: float = 0.0,
+               casting: str = "f32") -> Array:
   """LayerNorm with the per-token std replaced by a fixed per-layer value (arXiv:2409.13710).
 
-  ``(x - mean(x)) / std * scale + bias`` (``center=False`` drops the mean, for RMSNorm models). The
-  map is affine in x, the first step of the LayerNorm-removal recipe; estimate ``std`` once with
-  ``fixed_norm_std`` on real activations. ``x: [..., d] -> [..., d]``; std is a scalar.
+  ``(x - mean(x)) / std * (scale + scale_offset) + bias`` (``center=False`` drops the mean, for
+  RMSNorm models). The map is affine in x, the first step of the LayerNorm-removal recipe; estimate
+  ``std`` once with ``fixed_norm_std`` on real activations. ``x: [..., d] -> [..., d]``; std is a
+  scalar, or an array of x's rank with size 1 on the normalized axes (a value per position, e.g. the
+  first position's own std). ``scale_offset`` and ``casting`` as in ``layer_norm``, so a LayerNorm's
+  parameters and options carry over unchanged.
   """
   axes = canonical_axes(x.ndim, axis)
-  std = check_scalar(std, "std")
+  if jnp.ndim(std) and (jnp.ndim(std) != x.ndim or any(jnp.shape(std)[a] != 1 for a in axes)):
+    raise ValueError(f"std must be a scalar or have rank {x.ndim} with size 1 on the normalized "
+                     f"axes {axes}, got shape {jnp.shape(std)}")
   xf = x.astype(stat_dtype(x.dtype))
   if center:
     xf = xf - jnp.mean(xf, axes, keepdims=True)
-  return affine(xf / jnp.asarray(std, xf.dtype), x, axes, scale, bias)
+  return affine(xf / jnp.asarray(std, xf.dtype), x, axes, scale, bias, scale_offset=scale_offset,
+                casting=casting)
+
+
+def token_std(x: Array, *, axis: Axis = -1, eps: float = 1e-6, center: bool = True) -> Array:
+  """Each token's ``sqrt(var + eps)`` (``center=False``: ``sqrt(mean(x^2) + eps)``), the divisor a
+  LayerNorm (RMSNorm) applies; ``[..., d] -> [...]`` in the statistics dtype."""
+  axes = canonical_axes(x.ndim, axis)
+  xf = x.astype(stat_dtype(x.dtype))
+  if center:
+    xf = xf - jnp.mean(xf, axes, keepdims=True)
+  return jnp.sqrt(jnp.mean(jnp.square(xf), axes) + eps)
 
 
 def fixed_norm_std(x: Array, *, axis: Axis = -1, eps: float = 1e-6, center: bool = True) -> Array:
   """The fixed scale for ``fixed_norm``: the mean over tokens of the per-token sqrt(var + eps)."""
-  axes = canonical_axes(x.ndim, axis)
-  xf = x.astype(stat_dtype(x.dtype))
-  if center:
-    xf = xf - jnp.mean(xf, axes, keepdims=True)
-  return jnp.mean(jnp.sqrt(jnp.mean(jnp.square(xf), axes) + eps))
+  return jnp.mean(token_std(x, axis=axis, eps=eps, center=center))
 
 
 def identity(x: Array) -> Array:
@@ -195,5 +208,5 @@ def group_norm(x: Array, scale: Array | None = None, bias: Array | None = None, 
 
 __all__ = [
     "layer_norm", "rms_norm", "crms_norm", "compress", "decompress", "l2_norm", "dyt", "fixed_norm",
-    "fixed_norm_std", "identity", "group_norm",
+    "fixed_norm_std", "token_std", "identity", "group_norm",
 ]
