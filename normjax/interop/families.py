@@ -68,6 +68,22 @@ def _norm(rows: list[Row], hf: str, ours: str, bias: bool) -> None:
     rows.append(Row(f"{hf}.bias", f"{ours}/bias", COPY))
 
 
+def _block(rows: list[Row], cfg: ModelConfig, layer: str, dense: tuple[tuple[str, str], ...],
+           norms_in: tuple[str, str], norm_bias: bool, op: str = T) -> None:
+  """One family's block tensors: its dense layers (HF name, normjax sublayer/role) and its two input
+  norms (attention, MLP), under the layer prefix ``layer`` (with ``{i}``)."""
+  for hf, ours in dense:
+    _dense(rows, layer + hf, BLOCKS + ours, cfg, op)
+  for hf, ours in zip(norms_in, ("attn_norm_in", "mlp_norm_in")):
+    _norm(rows, layer + hf, BLOCKS + ours, norm_bias)
+
+
+def _decoder_head(rows: list[Row], cfg: ModelConfig) -> list[Row]:
+  if not cfg.tie_embeddings:
+    rows.append(Row("lm_head.weight", "head/kernel", T))
+  return rows
+
+
 def _eps(cfg: ModelConfig) -> float:
   return norms.get(cfg.norm.kind).options(**cfg.norm.options).eps
 
@@ -110,17 +126,12 @@ def _llama_out(cfg: ModelConfig) -> dict[str, Any]:
 
 def _llama_rows(cfg: ModelConfig) -> list[Row]:
   rows = [Row("model.embed_tokens.weight", "embed", COPY)]
-  layer = "model.layers.{i}."
-  for hf, ours in (("self_attn.q_proj", "attn/q"), ("self_attn.k_proj", "attn/k"),
-                   ("self_attn.v_proj", "attn/v"), ("self_attn.o_proj", "attn/o"),
-                   ("mlp.gate_proj", "mlp/gate"), ("mlp.up_proj", "mlp/up"), ("mlp.down_proj", "mlp/down")):
-    _dense(rows, layer + hf, BLOCKS + ours, cfg)
-  _norm(rows, layer + "input_layernorm", BLOCKS + "attn_norm_in", False)
-  _norm(rows, layer + "post_attention_layernorm", BLOCKS + "mlp_norm_in", False)
+  _block(rows, cfg, "model.layers.{i}.", (
+      ("self_attn.q_proj", "attn/q"), ("self_attn.k_proj", "attn/k"), ("self_attn.v_proj", "attn/v"),
+      ("self_attn.o_proj", "attn/o"), ("mlp.gate_proj", "mlp/gate"), ("mlp.up_proj", "mlp/up"),
+      ("mlp.down_proj", "mlp/down")), ("input_layernorm", "post_attention_layernorm"), False)
   _norm(rows, "model.norm", "final_norm", False)
-  if not cfg.tie_embeddings:
-    rows.append(Row("lm_head.weight", "head/kernel", T))
-  return rows
+  return _decoder_head(rows, cfg)
 
 
 # --- GPT-2 --------------------------------------------------------------------------------------
@@ -154,17 +165,13 @@ def _gpt2_out(cfg: ModelConfig) -> dict[str, Any]:
 
 def _gpt2_rows(cfg: ModelConfig) -> list[Row]:
   rows = [Row("transformer.wte.weight", "embed", COPY), Row("transformer.wpe.weight", "position", COPY)]
-  layer = "transformer.h.{i}."
   # GPT-2's Conv1D stores [in, out], as normjax does; c_attn is split into q, k, v (``unfuse``)
-  for hf, ours in (("attn.c_attn.q", "attn/q"), ("attn.c_attn.k", "attn/k"), ("attn.c_attn.v", "attn/v"),
-                   ("attn.c_proj", "attn/o"), ("mlp.c_fc", "mlp/fc1"), ("mlp.c_proj", "mlp/fc2")):
-    _dense(rows, layer + hf, BLOCKS + ours, cfg, COPY)
-  _norm(rows, layer + "ln_1", BLOCKS + "attn_norm_in", True)
-  _norm(rows, layer + "ln_2", BLOCKS + "mlp_norm_in", True)
+  _block(rows, cfg, "transformer.h.{i}.", (
+      ("attn.c_attn.q", "attn/q"), ("attn.c_attn.k", "attn/k"), ("attn.c_attn.v", "attn/v"),
+      ("attn.c_proj", "attn/o"), ("mlp.c_fc", "mlp/fc1"), ("mlp.c_proj", "mlp/fc2")),
+      ("ln_1", "ln_2"), True, COPY)
   _norm(rows, "transformer.ln_f", "final_norm", True)
-  if not cfg.tie_embeddings:
-    rows.append(Row("lm_head.weight", "head/kernel", T))
-  return rows
+  return _decoder_head(rows, cfg)
 
 
 def _gpt2_unfuse(tensors: dict[str, np.ndarray], cfg: ModelConfig) -> None:
@@ -223,13 +230,11 @@ def _vit_rows(cfg: ModelConfig) -> list[Row]:
   rows = [Row(emb + "cls_token", "cls", RANK3), Row(emb + "position_embeddings", "position", RANK3),
           Row(emb + "patch_embeddings.projection.weight", "patch_embed/kernel", PATCH),
           Row(emb + "patch_embeddings.projection.bias", "patch_embed/bias", COPY)]
-  layer = "vit.encoder.layer.{i}."
-  for hf, ours in (("attention.attention.query", "attn/q"), ("attention.attention.key", "attn/k"),
-                   ("attention.attention.value", "attn/v"), ("attention.output.dense", "attn/o"),
-                   ("intermediate.dense", "mlp/fc1"), ("output.dense", "mlp/fc2")):
-    _dense(rows, layer + hf, BLOCKS + ours, cfg)
-  _norm(rows, layer + "layernorm_before", BLOCKS + "attn_norm_in", True)
-  _norm(rows, layer + "layernorm_after", BLOCKS + "mlp_norm_in", True)
+  _block(rows, cfg, "vit.encoder.layer.{i}.", (
+      ("attention.attention.query", "attn/q"), ("attention.attention.key", "attn/k"),
+      ("attention.attention.value", "attn/v"), ("attention.output.dense", "attn/o"),
+      ("intermediate.dense", "mlp/fc1"), ("output.dense", "mlp/fc2")),
+      ("layernorm_before", "layernorm_after"), True)
   _norm(rows, "vit.layernorm", "final_norm", True)
   _dense(rows, "classifier", "head", cfg)
   return rows
