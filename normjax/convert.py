@@ -4,7 +4,8 @@
 final norm, and returns a model with affine-free RMSNorm computing the same logits:
 
 1. fold each norm's gain and bias into the dense layers that read its output (q, k, v; gate and up
-   or fc1; the head for the final norm): ``W <- diag(g) W``, ``b <- b + beta W`` (Flax ``[in, out]``);
+   or fc1; the head for the final norm): ``W <- diag(g) W``, ``b <- b + beta W`` (Flax ``[in, out]``;
+   under LNS ``b <- b + beta W / sqrt(l)``, since LayerNorm Scaling scales the bias with the rest);
 2. re-centre everything that writes to the residual stream (token embedding rows; ViT patch
    embedding, positions and class token; attention ``o`` and MLP ``down``/``fc2``): subtract the mean
    over the OUTPUT axis from kernels and biases, so the stream has zero mean in every token and
@@ -24,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from normjax import models, norms, roles
+from normjax import models, norms, placements, roles
 from normjax.models.config import ModelConfig, NormConfig
 
 SUBLAYERS = ("attn", "mlp")
@@ -62,14 +63,25 @@ def _centre_dense(dense: dict[str, Any]) -> dict[str, Any]:
   return {name: _centre(value) for name, value in dense.items()}
 
 
+def _in_scales(cfg: ModelConfig) -> jax.Array | None:
+  """``[L]``: the placement's factor on each block's norm output (LNS: 1/sqrt(l)), or None."""
+  placement = placements.get(cfg.placement.kind)
+  scales = [placement.in_scale(placements.Context(layer=layer, num_layers=cfg.num_layers))
+            for layer in range(1, cfg.num_layers + 1)]
+  return None if scales[0] is None else jnp.asarray(scales, jnp.float32)
+
+
 def to_rms(model: nnx.Module) -> nnx.Module:
   """Pre-LN model -> Pre-RMSNorm model with identical logits (see the module docstring)."""
   cfg = model.cfg
   _check_source(cfg, "layer_norm")
   p = models.params_of(model)
   blocks = dict(p["stack"]["blocks"])
+  in_scale = _in_scales(cfg)
   for sublayer in SUBLAYERS:
-    norm = blocks.pop(f"{sublayer}_norm_in", {})
+    norm = dict(blocks.pop(f"{sublayer}_norm_in", {}))
+    if "bias" in norm and in_scale is not None:  # LNS scales N(x)'s bias too: fold it per layer
+      norm["bias"] = norm["bias"] * in_scale[:, None]
     blocks[sublayer] = {
         **blocks[sublayer],
         **{name: _fold(norm, blocks[sublayer][name]) for name in roles.readers(cfg.mlp_kind, sublayer)},

@@ -5,7 +5,7 @@ Each op normalizes the last axis of ``x [..., D]`` and can, in the same pass,
 * add a residual first (``residual=r``): returns ``(y, x + r)``, the Pre-LN "add then norm" fusion; in the
   backward the residual-stream cotangent is added to dx inside the kernel and both inputs get that dx;
 * fold ``scale_offset`` (Gemma 1+w, formed in float32) and ``out_scale`` (LayerNorm Scaling 1/sqrt(l),
-  a float or a traced 0-d array) into one effective weight, so they cost nothing;
+  a float or a traced 0-d array) into one effective weight and bias, so they cost nothing;
 * return ``Stats(mean, rstd)``: per-row float32 statistics with stop-gradient semantics, so per-depth
   variance (``1/rstd^2 - eps``) is recorded without another pass over memory. ``mean`` is the mean the
   norm subtracted: the row mean for layer_norm, zeros for rms_norm and crms_norm.
@@ -89,6 +89,16 @@ def effective_weight(scale: Array | None, width: int, scale_offset: float, out_s
           * jnp.asarray(out_scale, compute))
 
 
+def effective_bias(bias: Array | None, scale: Array | None, out_scale: Any, casting: str, *,
+                   x_dtype: Any) -> Array | None:
+  """``bias * out_scale`` in the dtype ``affine`` adds in (LayerNorm Scaling scales the bias too);
+  ``[D]`` or None."""
+  if bias is None:
+    return None
+  compute = compute_dtype(casting, x_dtype, None if scale is None else scale.dtype)
+  return bias.astype(compute) * jnp.asarray(out_scale, compute)
+
+
 def _check_kernel_casting(impl: str, casting: str, x: Array, scale: Array | None,
                          bias: Array | None) -> None:
   """ValueError when ``casting`` returns a dtype wider than x's: the kernels write x's dtype."""
@@ -160,6 +170,7 @@ def _pallas(x, scale, bias, residual, a: _Args, backend: str = "pallas"):
     raise NotImplementedError(f"impl={backend!r} indexes with int32 offsets: {x.size} elements "
                               f"(shape {tuple(x.shape)}) reach 2**31; split the rows or use impl='xla'")
   weight = effective_weight(scale, width, a.scale_offset, a.out_scale, a.casting, x_dtype=x.dtype)
+  bias = effective_bias(bias, scale, a.out_scale, a.casting, x_dtype=x.dtype)
   st = Static(a.kind, float(a.eps), a.casting, weight is not None, bias is not None,
               residual is not None, a.config or KernelConfig(), backend)
 
@@ -284,6 +295,6 @@ def _op(kind: str, summary: str) -> Callable[..., Any]:
 
 
 layer_norm = _op("layer_norm",
-                 "LayerNorm ``(x - mean) * rsqrt(var + eps) * (scale + offset) * out_scale + bias``")
-rms_norm = _op("rms_norm", "RMSNorm ``x * rsqrt(mean(x^2) + eps) * (scale + offset) * out_scale + bias``")
+                 "LayerNorm ``((x - mean) * rsqrt(var + eps) * (scale + offset) + bias) * out_scale``")
+rms_norm = _op("rms_norm", "RMSNorm ``(x * rsqrt(mean(x^2) + eps) * (scale + offset) + bias) * out_scale``")
 crms_norm = _op("crms_norm", "Compressed RMSNorm ``xc * rsqrt((sum(xc^2) + sum(xc)^2)/(D+1) + eps)``")

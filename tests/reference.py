@@ -28,12 +28,13 @@ def _axes(ndim, axis):
 
 
 def _affine(y, axes, scale, bias, out_scale=1.0, scale_offset=0.0):
+  """``out_scale * (y * (scale + offset) + bias)``: LayerNorm Scaling scales the whole norm output,
+  its bias included (arXiv:2502.05795)."""
   if scale is not None:
     y = y * (_bcast(f64(scale), y.ndim, axes) + scale_offset)
-  y = y * out_scale
   if bias is not None:
     y = y + _bcast(f64(bias), y.ndim, axes)
-  return y
+  return y * out_scale
 
 
 def layer_norm(x, scale=None, bias=None, axis=-1, eps=1e-6, out_scale=1.0, scale_offset=0.0):

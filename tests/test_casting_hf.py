@@ -172,7 +172,9 @@ def test_hf_legacy_is_the_old_llama_order(x_dtype):
   b = jnp.asarray(rng.normal(size=96) * 0.1, jnp.bfloat16)
   got = norms.layer_norm(x, w, b, scale_offset=1.0, out_scale=0.5, casting="hf_legacy")
   gain = (w + jnp.bfloat16(1.0)) * jnp.bfloat16(0.5)
-  manual = (norms.layer_norm(x.astype(jnp.float32)).astype(jnp.bfloat16) * gain + b).astype(x_dtype)
+  # LayerNorm Scaling's out_scale scales the bias too (arXiv:2502.05795), in the same dtype
+  manual = (norms.layer_norm(x.astype(jnp.float32)).astype(jnp.bfloat16) * gain
+            + b * jnp.bfloat16(0.5)).astype(x_dtype)
   assert got.dtype == jnp.dtype(x_dtype)
   np.testing.assert_array_equal(got, manual)
   w32, b32 = w.astype(jnp.float32), b.astype(jnp.float32)

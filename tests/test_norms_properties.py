@@ -67,8 +67,8 @@ def test_out_scale_multiplies_output(name):
   for layer in (2, 3, 7):
     s = 1.0 / np.sqrt(layer)
     np.testing.assert_allclose(fn(x, scale, out_scale=s), base * s, rtol=3e-7, atol=1e-7)
-  # the scale multiplies the normalized term, not the bias
-  np.testing.assert_allclose(fn(x, scale, bias, out_scale=0.5) - bias, base * 0.5, rtol=1e-6, atol=1e-6)
+  # the scale multiplies the whole output, the bias too (LayerNorm Scaling, arXiv:2502.05795)
+  np.testing.assert_array_equal(fn(x, scale, bias, out_scale=0.5), fn(x, scale, bias) * 0.5)
 
 
 def test_out_scale_traced_matches_python_float():

@@ -72,6 +72,22 @@ def test_scale_offset_and_eps(name, dtype):
   check(ours, getattr(ref, name)(as_ref(x), w, eps=1e-3, scale_offset=1.0, out_scale=0.3), dtype)
 
 
+@pytest.mark.parametrize("name", ["layer_norm", "rms_norm"])
+def test_layer_norm_scaling_scales_the_bias_too(name):
+  """LayerNorm Scaling is N(x) / sqrt(l) with N's affine inside (arXiv:2502.05795): written out in
+  float64 here, independently of ``tests/reference.py``, s * (x_hat * g + b)."""
+  rng = np.random.default_rng(7)
+  x, g, b = rng.normal(size=(4, 16)), rng.normal(size=16), rng.normal(size=16)
+  s = 1 / np.sqrt(3.0)
+  centred = x - x.mean(-1, keepdims=True) if name == "layer_norm" else x
+  x_hat = centred / np.sqrt(np.mean(centred ** 2, -1, keepdims=True) + 1e-6)
+  got = getattr(norms, name)(jnp.asarray(x, jnp.float32), jnp.asarray(g, jnp.float32),
+                             jnp.asarray(b, jnp.float32), out_scale=s)
+  np.testing.assert_allclose(np.asarray(got, np.float64), s * (x_hat * g + b), rtol=2e-6, atol=2e-6)
+  gain_only = x_hat * g * s + b  # what normjax did before: a different method under the same name
+  assert np.max(np.abs(np.asarray(got) - gain_only)) > 0.1
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("with_affine", [False, True])
 @pytest.mark.parametrize("shape", [(8, 15), (2, 5, 31), (3, 2, 4, 63)])

@@ -85,7 +85,11 @@ def output_dtype(casting: str, x_dtype: Any, *params: Array | None) -> jnp.dtype
 
 def affine(y: Array, x: Array, axes: Sequence[int], scale: Array | None, bias: Array | None, *,
            scale_offset: float = 0.0, out_scale: Any = 1.0, casting: str = "f32") -> Array:
-  """Applies ``y * (scale + scale_offset) * out_scale + bias`` to a normalized ``y`` (float32/64).
+  """Applies ``(y * (scale + scale_offset) + bias) * out_scale`` to a normalized ``y`` (float32/64).
+
+  ``out_scale`` scales the whole output, bias included: LayerNorm Scaling's N(x) / sqrt(l) with
+  N's affine inside (Sun et al., arXiv:2502.05795). It is folded into the gain and the bias, so the
+  cost is the same as without it.
 
   ``casting`` says where the rounding happens; the offset, out_scale and bias are always formed
   and added in the dtype the gain multiply happens in:
@@ -117,7 +121,8 @@ def affine(y: Array, x: Array, axes: Sequence[int], scale: Array | None, bias: A
   else:
     y = y * jnp.asarray(out_scale, compute)
   if bias is not None:
-    y = y + expand_param(bias, x.shape, axes, "bias").astype(compute)
+    b = expand_param(bias, x.shape, axes, "bias").astype(compute)
+    y = y + b * jnp.asarray(out_scale, compute)
   return y.astype(output_dtype(casting, x.dtype, scale, bias))
 
 

@@ -20,7 +20,7 @@ from normjax.norms._util import Array, Axis, affine, canonical_axes, check_scala
 def layer_norm(x: Array, scale: Array | None = None, bias: Array | None = None, *, axis: Axis = -1,
                eps: float = 1e-6, out_scale: Any = 1.0, scale_offset: float = 0.0,
                casting: str = "f32") -> Array:
-  """LayerNorm: ``(x - mean) / sqrt(var + eps) * (scale + scale_offset) * out_scale + bias``.
+  """LayerNorm: ``((x - mean) / sqrt(var + eps) * (scale + scale_offset) + bias) * out_scale``.
 
   Args:
     x: input, any shape ``[..., d]``; normalized over ``axis`` (an int or a tuple of ints).
@@ -45,7 +45,7 @@ def layer_norm(x: Array, scale: Array | None = None, bias: Array | None = None, 
 def rms_norm(x: Array, scale: Array | None = None, bias: Array | None = None, *, axis: Axis = -1,
              eps: float = 1e-6, out_scale: Any = 1.0, scale_offset: float = 0.0,
              casting: str = "f32") -> Array:
-  """RMSNorm: ``x / sqrt(mean(x^2) + eps) * (scale + scale_offset) * out_scale + bias``.
+  """RMSNorm: ``(x / sqrt(mean(x^2) + eps) * (scale + scale_offset) + bias) * out_scale``.
 
   Shapes and keyword arguments as in ``layer_norm``. ``x: [..., d] -> [..., d]``.
   """
