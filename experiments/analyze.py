@@ -34,7 +34,7 @@ from flax import nnx
 
 from experiments import depth_analysis, sweep
 from normjax import config as config_lib
-from normjax import interop
+from normjax import interop, models
 from normjax.config import ConfigError
 from normjax.data.batches import packing
 from normjax.train.step import depth_statistics, task_loss
@@ -97,10 +97,10 @@ def analyze(args: argparse.Namespace) -> dict[str, Any]:
   workdir = pathlib.Path(args.workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   config = measurement_config(args, workdir)
+  # the source's architecture with the config's numerics; a ViT source fails here (text data)
   run = config_lib.validate(config, jax.device_count())
-  cfg, model = interop.load(args.hf, **{k: getattr(run.model, k) for k in interop.native.NUMERICS})
-  if not cfg.causal:
-    raise ConfigError(f"{args.hf} is a {cfg.name}: the text analysis needs a decoder (llama, gpt2)")
+  cfg = run.model
+  model = models.with_params(cfg, interop.read_params(args.hf, cfg))
   batch = depth_analysis.validation_batch(config, args.num_batches)
   for name in ("stats", "stats.jsonl", "metrics.jsonl"):  # a rerun replaces the measurement
     target = workdir / name

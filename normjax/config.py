@@ -198,11 +198,7 @@ def model_config(config: mlc.ConfigDict, data_cfg: data.DataConfig) -> ModelConf
   if config.train.get("init_from"):
     cfg, _ = from_source(config)
     _check_kind(cfg.name, data_cfg)
-    if cfg.causal and cfg.vocab_size < data_cfg.vocab_size:
-      raise ConfigError(f"train.init_from={config.train.init_from!r} has a vocabulary of "
-                        f"{cfg.vocab_size}, smaller than the tokenizer's {data_cfg.vocab_size} "
-                        "(data.tokenizer): train with the source's own tokenizer")
-    _check_against_data(cfg, data_cfg)
+    _check_against_data(cfg, data_cfg, source=config.train.init_from)
     return cfg
   values = config.model.to_dict()
   expected_kind = _check_kind(values.get("name"), data_cfg)
@@ -231,8 +227,13 @@ def _check_kind(name: str, data_cfg: data.DataConfig) -> str:
   return expected_kind
 
 
-def _check_against_data(cfg: ModelConfig, d: data.DataConfig) -> None:
+def _check_against_data(cfg: ModelConfig, d: data.DataConfig, source: str = "") -> None:
+  """The model against its data; ``source`` (``train.init_from``) changes only the advice."""
   if cfg.causal and cfg.vocab_size < d.vocab_size:
+    if source:
+      raise ConfigError(f"train.init_from={source!r} has a vocabulary of {cfg.vocab_size}, smaller "
+                        f"than the tokenizer's {d.vocab_size} (data.tokenizer): train with the "
+                        "source's own tokenizer")
     raise ConfigError(f"model.vocab_size={cfg.vocab_size} is smaller than the tokenizer's vocabulary "
                       f"of {d.vocab_size} (data.tokenizer); set None to take it from the tokenizer")
   if cfg.causal and cfg.position_kind == "learned" and d.seq_len > cfg.max_positions:

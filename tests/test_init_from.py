@@ -72,4 +72,8 @@ def test_init_from_refusals(source, tmp_path, data_dir):
     vit = models.build(models.ModelConfig(name="vit", image_size=8, patch_size=4, d_model=16))
     interop.save(vit, tmp_path / "vit")
     _run(tmp_path / "y", data_dir, **{"train.init_from": str(tmp_path / "vit")})
-  assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+  small_vocab = models.build(models.ModelConfig(vocab_size=32, d_model=16, num_heads=2))
+  interop.save(small_vocab, tmp_path / "small_vocab")
+  with pytest.raises(ConfigError, match="has a vocabulary of 32, smaller than the tokenizer's 256"):
+    _run(tmp_path / "z", data_dir, **{"train.init_from": str(tmp_path / "small_vocab")})
+  assert not any((tmp_path / name).exists() for name in ("x", "y", "z"))
