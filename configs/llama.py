@@ -21,7 +21,7 @@ from __future__ import annotations
 import ml_collections as mlc
 
 from normjax import config as common
-from normjax import variance
+from normjax import norms, variance
 from normjax.data.tokenizers import TokenizerConfig
 
 # The 130m-1b sizes and their lr/steps/warmup are the LLaMA harness shared by the Mix-LN
@@ -103,9 +103,12 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
       rope_theta=10_000.0,  # rotary embedding base
       tie_embeddings=v.get("tie_embeddings", False),  # head reuses the token embedding
       dense_bias=common.placeholder(bool),  # biases on dense layers (None = the family's)
+      # DyT's LLM recipe (arXiv:2503.10622) with norm=dyt: alpha_0 by width, no bias, embed_scale
+      embed_scale=arg.norm == "dyt",  # a learnable scalar after the embedding, init sqrt(d)
       norm=dict(kind=arg.norm or v.get("norm", "rms_norm"),  # normjax.norms.names()
                 # that kind's options (eps, casting, ...; not impl or param_dtype)
-                options=dict(v.get("norm_options", {})) if arg.norm is None else {},
+                options=(dict(v.get("norm_options", {})) if arg.norm is None
+                         else norms.dyt_llm_options(v["d_model"]) if arg.norm == "dyt" else {}),
                 impl=arg.impl),  # xla, pallas (fused kernels), triton, auto (measured fastest)
       placement=dict(kind=arg.placement,  # normjax.placements.names()
                      final_norm=True,  # norm before the head
@@ -113,7 +116,8 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
                      mix_alpha=0.25,  # mix: fraction of Post-LN blocks
                      deepnorm_alpha=common.placeholder(float)),  # deepnorm gain (None = (2L)^(1/4))
       init=dict(scheme=arg.init,  # normal, lir, scaled, deepnorm
-                std=0.02),  # base std of the normal initializers
+                std=0.02,  # base std of the normal initializers
+                base="family"),  # family: the decoders' N(0, std^2); gpt2 is the same for them
       dtype=arg.dtype,  # compute dtype: float32 or bfloat16
       param_dtype="float32",  # parameter dtype (norm parameters too)
       scan_layers=True,  # nnx.scan over depth (False: unrolled)

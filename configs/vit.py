@@ -57,7 +57,9 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
                      mix_alpha=0.25,  # mix: fraction of Post-LN blocks
                      deepnorm_alpha=common.placeholder(float)),  # deepnorm gain (None = (2L)^(1/4))
       init=dict(scheme=arg.init,  # normal, lir, scaled, deepnorm
-                std=0.02),  # base std of the normal initializers
+                std=0.02,  # base std of the normal initializers
+                # family: big_vision's ViT init (does not read std); gpt2: every matrix N(0, std^2)
+                base="family"),
       dtype=arg.dtype,  # compute dtype
       param_dtype="float32",  # parameter dtype (norm parameters too)
       scan_layers=True,  # nnx.scan over depth

@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 from experiments import sweep
+from normjax import norms
 
 PLACEMENTS = ("pre", "post", "peri", "mix", "lns", "deepnorm", "post_only", "none", "dyt")
 # scale: model -> (depths, d_model, heads, steps, batch, seq_len or 0, stats_every)
@@ -28,11 +29,17 @@ SCALES: dict[str, dict[str, tuple[Any, ...]]] = {
 CONFIGS = {"llama": "configs/llama.py:tiny", "vit": "configs/vit.py:tiny"}
 
 
-def placement_overrides(placement: str) -> dict[str, Any]:
-  """Config changes that make a placement what its paper ran."""
+def placement_overrides(placement: str, model: str, width: int) -> dict[str, Any]:
+  """Config changes that make a placement what its paper ran (DyT: its LLM recipe in LLaMA at
+  ``width``, the vision recipe's alpha_0 0.5 in the ViT)."""
   if placement == "dyt":
-    return {"model.norm.kind": "dyt", "model.placement.kind": "pre"}
-  changes: dict[str, Any] = {"model.placement.kind": placement}
+    changes = {"model.norm.kind": "dyt", "model.placement.kind": "pre"}
+    if model == "llama":
+      changes["model.embed_scale"] = True
+      changes.update({f"model.norm.options.{key}": value
+                      for key, value in norms.dyt_llm_options(width).items()})
+    return changes
+  changes = {"model.placement.kind": placement}
   if placement == "deepnorm":
     changes["model.init.scheme"] = "deepnorm"  # DeepNet's beta init belongs to the method
   return changes
@@ -53,7 +60,7 @@ def runs(scale: str = "small", models: tuple[str, ...] = ("llama", "vit"),
       for depth in depths:
         result.append(sweep.Run(
             name=f"{model}_{placement}_L{depth:02d}", config=CONFIGS[model],
-            overrides={**base, "model.num_layers": depth, **placement_overrides(placement)},
+            overrides={**base, "model.num_layers": depth, **placement_overrides(placement, model, width)},
             tags={"study": "placement", "model": model, "placement": placement, "depth": depth}))
   return result
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from experiments import depth_analysis, sweep
+from experiments import depth_analysis, intervals, sweep
 from normjax.train.writer import read_jsonl
 
 NAN = float("nan")
@@ -126,11 +126,13 @@ def markdown(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def write(sweep_dir: str | pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
-  """Writes ``summary.csv`` (shortest round-trip floats, NaN empty) and ``summary.md`` into the sweep
-  directory; returns their paths."""
+  """Writes ``summary.csv`` (shortest round-trip floats, NaN empty), ``summary.md`` and ``cells.md``
+  (runs over seeds: means with 95 % intervals and verdicts against pre, ``experiments.intervals``)
+  into the sweep directory; returns the first two paths."""
   sweep_dir = pathlib.Path(sweep_dir)
   rows = summarize(sweep_dir)
   csv_path, md_path = sweep_dir / "summary.csv", sweep_dir / "summary.md"
+  (sweep_dir / "cells.md").write_text(intervals.markdown(intervals.cells(rows)))
   with open(csv_path, "w", newline="") as f:
     writer = csv.DictWriter(f, fieldnames=COLUMNS)
     writer.writeheader()

@@ -31,6 +31,22 @@ class Run:
   tags: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # study labels for the summary
 
 
+def with_seeds(runs: Sequence[Run], seeds: int) -> list[Run]:
+  """Each run under ``seeds`` seeds: seed k sets the parameter init (``seed``) and the data order
+  (``data.shuffle_seed``) to k and the tag ``seed``. Seed 0 keeps the run's name (it is the config's
+  default), seeds 1.. add ``_s<k>``, so a finished 1-seed sweep grows to N seeds by resuming."""
+  if seeds < 1:
+    raise ValueError(f"--seeds={seeds} must be at least 1")
+  result = []
+  for run in runs:
+    for seed in range(seeds):
+      result.append(dataclasses.replace(
+          run, name=run.name if seed == 0 else f"{run.name}_s{seed}",
+          overrides={**run.overrides, "seed": seed, "data.shuffle_seed": seed},
+          tags={**run.tags, "seed": seed}))
+  return result
+
+
 def is_finished(workdir: pathlib.Path) -> bool:
   return (workdir / RESULT).exists()
 
@@ -89,6 +105,8 @@ def arguments(description: str) -> argparse.ArgumentParser:
   parser.add_argument("--out", required=True, help="sweep directory (one subdirectory per run)")
   parser.add_argument("--scale", default="small", help="run size preset of the study (see --help)")
   parser.add_argument("--only", default="", help="run only names containing this substring")
+  parser.add_argument("--seeds", type=int, default=1,
+                      help="seeds per run: parameter init and data order (seed 0 keeps the name)")
   parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                       help="config override for every run, e.g. --set train.steps=50 (repeatable)")
   parser.add_argument("--list", action="store_true", help="print the runs and exit")
@@ -103,7 +121,9 @@ def pick_scale(scales: Mapping[str, Any], scale: str) -> Any:
 
 
 def main(runs: Sequence[Run], args: argparse.Namespace, shared: Mapping[str, Any]) -> bool:
-  """Lists (``--list``, returns False) or trains the runs (returns True: the study may report)."""
+  """Lists (``--list``, returns False) or trains the runs, each under ``--seeds`` seeds (returns
+  True: the study may report)."""
+  runs = with_seeds(runs, args.seeds)
   if args.list:
     for run in runs:
       print(run.name, run.config, dict(run.overrides))

@@ -1,7 +1,8 @@
 """What a parameter is, decided by its NNX Variable type, never by its path.
 
 The models create every dense matrix as a ``Kernel`` and every dense bias as a ``Bias``; the norm
-wrappers create ``NormParam`` (gains, biases, DyT's alpha, EvoNorm's v, sigma-Reparam's gamma) and
+wrappers create ``NormParam`` (gains, biases, EvoNorm's v; ``Scalar`` for DyT's alpha and
+sigma-Reparam's gamma) and
 ``NormState`` (running statistics). Token/position embeddings and the class token stay plain
 ``nnx.Param``. The weight-decay mask, TVR and the per-layer statistics select by these types, and a
 parameter of a stacked block carries the logical axis ``layers`` first in its ``out_sharding``
@@ -27,6 +28,12 @@ class Bias(nnx.Param):
 
 class NormParam(nnx.Param):
   """A trainable parameter of a norm: gain, bias, DyT's alpha, EvoNorm's v, sigma-Reparam's gamma."""
+
+
+class Scalar(NormParam):
+  """A learned scalar gain: DyT's alpha, sigma-Reparam's gamma (the norm wrappers make every 0-d
+  norm parameter one) and the DyT recipe's embedding scale. Never weight-decayed: decay pulls a
+  gain toward 0, and DyT's recipe excludes its alpha."""
 
 
 class NormState(nnx.Variable):

@@ -36,6 +36,8 @@ def small(name: str, placement: str = "pre", norm: str | NormConfig = "rms_norm"
               placement=PlacementConfig(placement, mix_alpha=0.5))  # mix: block 1 Post-LN
   if name == "llama":
     base["num_kv_heads"] = 2
+  if name == "vit":  # big_vision's zero head would zero every gradient of the logits^2 loss below
+    base["init"] = InitConfig(base="gpt2")
   base.update(changes)
   return ModelConfig(**base)
 
@@ -196,7 +198,7 @@ def test_a_packed_row_of_two_documents_gives_each_document_its_own_logits(name, 
 def test_mix_uses_post_then_pre():
   """mix with alpha 1/3 on 3 layers: block 1 is Post-LN (stream normalized), blocks 2-3 Pre-LN."""
   cfg = small("vit", "mix", "layer_norm").replace(
-      placement=PlacementConfig("mix", mix_alpha=1 / 3), init=InitConfig(std=0.3))
+      placement=PlacementConfig("mix", mix_alpha=1 / 3), init=InitConfig(std=0.3, base="gpt2"))
   _, stats = build(cfg)(inputs("vit"), collect_stats=True)
   np.testing.assert_allclose(stats["mlp/resid_var"][0], 1.0, atol=1e-3)
   assert float(stats["mlp/resid_var"][1]) > 1.05

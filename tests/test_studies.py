@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from experiments import equivalence, placement_study, sweep, variance_control
+from experiments import equivalence, intervals, placement_study, summary, sweep, variance_control
 
 
 @pytest.fixture(scope="module")
@@ -22,6 +22,9 @@ def test_placement_grid():
   assert deepnorm.overrides["model.init.scheme"] == "deepnorm"
   dyt = next(r for r in grid if r.name == "vit_dyt_L04")
   assert (dyt.overrides["model.norm.kind"], dyt.overrides["model.placement.kind"]) == ("dyt", "pre")
+  llama_dyt = next(r for r in grid if r.name == "llama_dyt_L04").overrides  # the LLM recipe
+  assert llama_dyt["model.embed_scale"] and llama_dyt["model.norm.options.alpha_attn"] == 1.0
+  assert llama_dyt["model.norm.options.use_bias"] is False
   with pytest.raises(ValueError, match=r"--scale='huge' is unknown; choose one of \['ci', 'small'"):
     placement_study.runs("huge")
 
@@ -60,3 +63,44 @@ def test_tvr_holds_the_weight_std_at_its_target(tmp_path, shared):
   for name in ("lir_tvr", "lir_tvr_006"):  # rescaled to sigma_t = 0.01 (within the 1.2 threshold)
     assert report[name]["w_std_mean_last"] < 0.012, (name, report[name]["w_std_mean_last"])
   assert len(report["baseline"]["max_abs_last"]) == 2
+
+
+def test_seeds_vary_init_and_data_order_and_keep_seed_zero_names():
+  base = placement_study.runs("ci", ("vit",), ("pre",))[:1]
+  runs = sweep.with_seeds(base, 3)
+  assert [r.name for r in runs] == ["vit_pre_L01", "vit_pre_L01_s1", "vit_pre_L01_s2"]
+  assert [(r.overrides["seed"], r.overrides["data.shuffle_seed"], r.tags["seed"]) for r in runs] == [
+      (0, 0, 0), (1, 1, 1), (2, 2, 2)]
+  with pytest.raises(ValueError, match="--seeds=0 must be at least 1"):
+    sweep.with_seeds(base, 0)
+
+
+def test_intervals_and_verdicts():
+  """Mean, sample std and the t interval written out: n=3 has t_{0.975,2} = 4.303."""
+  got = intervals.interval([1.0, 2.0, 3.0, float("nan")])
+  assert (got["n"], got["mean"], got["std"]) == (3, 2.0, 1.0)
+  assert got["ci95"] == pytest.approx(4.303 / np.sqrt(3))
+  assert np.isnan(intervals.interval([1.0])["ci95"]) and intervals.t975(100) == 1.96
+
+  def row(name, placement, loss):
+    return {"name": name, "model": "vit", "placement": placement, "depth": 4, "diverged": False,
+            **{m: float("nan") for m in intervals.METRICS}, "eval_loss": loss}
+
+  rows = ([row(f"vit_pre_L04{s}", "pre", v) for s, v in zip(("", "_s1", "_s2"), (1.0, 1.01, 0.99))]
+          + [row(f"vit_post_L04{s}", "post", v) for s, v in zip(("", "_s1", "_s2"), (2.0, 2.02, 1.98))]
+          + [row(f"vit_peri_L04{s}", "peri", v) for s, v in zip(("", "_s1", "_s2"), (1.0, 1.3, 0.8))]
+          + [row("vit_mix_L04", "mix", 0.5)])
+  cells = intervals.cells(rows)
+  assert [c["seeds"] for c in cells] == [3, 3, 3, 1]
+  verdicts = {v["placement"]: v["verdict"] for v in intervals.compare(cells)}
+  assert verdicts == {"post": "higher", "peri": "not resolved", "mix": "not resolved (1 seed)"}
+  assert "1 ± 0.025" in intervals.markdown(cells)
+
+
+def test_summary_writes_cells_over_seeds(tmp_path, shared):
+  runs = sweep.with_seeds([r for r in placement_study.runs("ci", ("vit",), ("pre", "post"))
+                           if r.tags["depth"] == 1], 2)
+  sweep.run_all(runs, tmp_path, shared)
+  summary.write(tmp_path)
+  cells = (tmp_path / "cells.md").read_text()
+  assert "| vit_pre_L01 | 2 | 0 |" in cells and "| vit | 1 | post |" in cells

@@ -43,7 +43,8 @@ def test_init_schemes_set_the_per_layer_std():
 
 
 def test_tvr_rescales_only_kernels_over_threshold():
-  cfg = ModelConfig(name="vit", num_layers=3, d_model=64, num_heads=4, image_size=8, patch_size=4)
+  cfg = ModelConfig(name="vit", num_layers=3, d_model=64, num_heads=4, image_size=8, patch_size=4,
+                    init=InitConfig(base="gpt2"))  # std 0.02 kernels, so x3 puts layer 2 over
   model = build(cfg, seed=9)
   q = model.stack.blocks.attn.q
   q.kernel[...] = q.kernel[...].at[1].multiply(3.0).at[1].add(0.01)  # layer 2: std 0.06, mean 0.01
@@ -97,7 +98,9 @@ def relative_error(a, b):
 
 
 CONVERT_CASES = [("llama", dict(tie_embeddings=True)), ("llama", dict(num_kv_heads=2)),
-                 ("vit", dict(pool="cls")), ("vit", dict(pool="mean", placement=PlacementConfig("lns")))]
+                 # the ViT's reference init has a zero head, whose logits compare nothing
+                 ("vit", dict(pool="cls", init=InitConfig(base="gpt2"))),
+                 ("vit", dict(pool="mean", placement=PlacementConfig("lns"), init=InitConfig(base="gpt2")))]
 CONVERT_GRID = [(i, trained) for i in range(len(CONVERT_CASES)) for trained in (False, True)]
 # CI: every case once, each model both untrained and trained
 CONVERT_FAST = [(0, False), (1, True), (2, True), (3, False)]

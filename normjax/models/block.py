@@ -26,7 +26,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from normjax import norms, placements, roles, variance
+from normjax import norms, placements
+from normjax.models import inits
 from normjax.models.config import REMAT_POLICIES, ModelConfig
 from normjax.models.layers import (Attention, Mlp, RemovableLayerNorm, activation_norm, call_norm,
                                    fixed_readers, uses_kernel)
@@ -66,17 +67,16 @@ class Block(nnx.Module):
   """Attention and MLP sublayers under one placement; ``[B, T, w] -> [B, T, w]`` plus statistics."""
 
   def __init__(self, cfg: ModelConfig, layer: Any, rngs: nnx.Rngs):
-    stds = {role.name: cfg.init.std * variance.init_factor(cfg.init.scheme, role, layer, cfg.num_layers)
-            for role in roles.ROLES[cfg.mlp_kind]}
+    block_inits = inits.block_inits(cfg, layer)
     spec = norms.get(cfg.norm.kind)
     weight_norm = spec.name if spec.acts_on == "weights" else None
-    self.attn = Attention(cfg, stds, rngs, weight_norm)
-    self.mlp = Mlp(cfg, stds, rngs, weight_norm)
+    self.attn = Attention(cfg, block_inits, rngs, weight_norm)
+    self.mlp = Mlp(cfg, block_inits, rngs, weight_norm)
     placement = placements.get(cfg.placement.kind)
     for sublayer in ("attn", "mlp"):
       for slot in placement.norm_slots:
         fixed = fixed_readers(cfg, FIXED_READERS[sublayer], layer) if slot == "in" else {}
-        setattr(self, f"{sublayer}_norm_{slot}", activation_norm(cfg, rngs, fixed=fixed))
+        setattr(self, f"{sublayer}_norm_{slot}", activation_norm(cfg, sublayer, rngs, fixed=fixed))
     self.placement_kind = placement.name
     self.norm_slots = placement.norm_slots
     self.deferred_add = fuses_residual_add(cfg)

@@ -69,6 +69,9 @@ class PlacementConfig:
 class InitConfig:
   scheme: str = "normal"  # normjax.variance.init_schemes(): normal, lir, scaled, deepnorm
   std: float = 0.02  # sigma of every normal initializer before the scheme's per-layer factor
+  # "family": each family's reference init (the ViT's is big_vision's, which does not read std);
+  # "gpt2": every matrix N(0, std^2) (normjax.models.inits)
+  base: str = "family"
 
 
 def _floats(value: Any, field: str) -> tuple[float, ...] | None:
@@ -140,6 +143,9 @@ class ModelConfig:
   max_positions: int = 1024  # learned decoder positions: the longest sequence
   rope_theta: float = 10_000.0  # rotary embedding base
   tie_embeddings: bool = False  # decoders: the head reuses the token embedding
+  # decoders: a learnable scalar times the embedding output, initialized to sqrt(d) (DyT's LLaMA
+  # recipe, arXiv:2503.10622; never weight-decayed, like every scalar)
+  embed_scale: bool = False
   dense_bias: bool | None = None  # biases on dense layers; None = False (llama) / True (gpt2, vit)
   image_size: int = 28  # vit: square images
   patch_size: int = 4  # vit: patch side; must divide image_size
@@ -225,6 +231,7 @@ class ModelConfig:
 def _check(cfg: ModelConfig) -> None:
   """Checks every field against the others (ConfigError naming the field, value and choices)."""
   from normjax import placements, variance  # local: both import this module
+  from normjax.models import inits
 
   check_choice(cfg.name, "model.name", MODEL_NAMES)
   check_choice(cfg.dtype, "model.dtype", DTYPES)
@@ -239,6 +246,14 @@ def _check(cfg: ModelConfig) -> None:
     raise ConfigError(f"model.positions={cfg.positions!r}: the ViT's positions are learned "
                       "(set None or 'learned')")
   check_choice(cfg.init.scheme, "model.init.scheme", variance.init_schemes())
+  if cfg.embed_scale and not cfg.causal:
+    raise ConfigError("model.embed_scale=True belongs to the decoders (DyT's LLaMA recipe); the "
+                      "ViT has no token embedding to scale: set it False")
+  check_choice(cfg.init.base, "model.init.base", inits.BASES)
+  if inits.big_vision(cfg) and cfg.init.std != InitConfig.std:
+    raise ConfigError(f"model.init.std={cfg.init.std} is not read by the ViT's reference init "
+                      "(model.init.base='family': fan-in and Xavier initializers); set "
+                      "model.init.base='gpt2' to draw every matrix from N(0, std^2)")
   for field in ("num_layers", "d_model", "num_heads", "vocab_size", "patch_size", "num_classes",
                 "image_size", "channels", "max_positions", "num_kv_heads", "mlp_dim", "head_size"):
     value = getattr(cfg, field)

@@ -13,6 +13,7 @@ for the kinds with a fused kernel and ``model.norm.impl`` other than ``xla``, th
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -29,15 +30,31 @@ from normjax.params import Bias, Kernel, NormState
 Array = jax.Array
 
 
-def param(rngs: nnx.Rngs | None, shape: tuple[int, ...], std: Any, dtype: Any,
-          axes: tuple[str | None, ...], *, zeros: bool = False,
-          kind: type[nnx.Param] = nnx.Param) -> nnx.Param:
-  """A normal(0, std) (or zero) parameter of type ``kind`` with logical axes; std may be traced
-  (per-layer init)."""
-  if zeros:
+class Init(NamedTuple):
+  """How one parameter is drawn. ``scale`` may be traced (a per-layer init factor).
+
+  rule: "normal" N(0, scale^2); "xavier_uniform" U(-a, a) with variance scale^2 * 2/(fan_in +
+  fan_out); "lecun_normal" normal truncated at 2 sigma with variance scale^2 / fan_in (flax's
+  ``lecun_normal``); "zeros". Fans are the last two axes. ``bias_std``: a Dense bias's N(0, s^2).
+  """
+  scale: Any
+  rule: str = "normal"
+  bias_std: float = 0.0
+
+
+_RULES = {"xavier_uniform": jax.nn.initializers.xavier_uniform(),
+          "lecun_normal": jax.nn.initializers.lecun_normal()}
+
+
+def param(rngs: nnx.Rngs | None, shape: tuple[int, ...], init: Init, dtype: Any,
+          axes: tuple[str | None, ...], *, kind: type[nnx.Param] = nnx.Param) -> nnx.Param:
+  """A parameter of type ``kind`` drawn as ``init`` says, with logical axes ``axes``."""
+  if init.rule == "zeros":
     value = jnp.zeros(shape, dtype)
+  elif init.rule == "normal":
+    value = (jax.random.normal(rngs.params(), shape, jnp.float32) * init.scale).astype(dtype)
   else:
-    value = (jax.random.normal(rngs.params(), shape, jnp.float32) * std).astype(dtype)
+    value = (_RULES[init.rule](rngs.params(), shape, jnp.float32) * init.scale).astype(dtype)
   return kind(value, out_sharding=axes, eager_sharding=False)
 
 
@@ -51,11 +68,11 @@ class Dense(nnx.Module):
   """
 
   def __init__(self, in_features: int, out_features: int, axes: tuple[str | None, str | None], *,
-               std: Any, use_bias: bool, dtype: Any, param_dtype: Any, rngs: nnx.Rngs,
+               init: Init, use_bias: bool, dtype: Any, param_dtype: Any, rngs: nnx.Rngs,
                weight_norm: str | None = None, center_output: bool = False):
-    self.kernel = param(rngs, (in_features, out_features), std, param_dtype, axes, kind=Kernel)
-    self.bias = (param(None, (out_features,), 0.0, param_dtype, axes[1:], zeros=True, kind=Bias)
-                 if use_bias else None)
+    self.kernel = param(rngs, (in_features, out_features), init, param_dtype, axes, kind=Kernel)
+    bias = Init(init.bias_std) if init.bias_std else Init(0.0, "zeros")
+    self.bias = param(rngs, (out_features,), bias, param_dtype, axes[1:], kind=Bias) if use_bias else None
     self.weight_norm = Norm(weight_norm, self.kernel[...]) if weight_norm else None
     self.dtype = dtype
     self.center_output = center_output
@@ -125,14 +142,14 @@ class Attention(nnx.Module):
   mask), causal and, for packed rows, within each document (``Segments``).
   """
 
-  def __init__(self, cfg: Any, stds: dict[str, Any], rngs: nnx.Rngs, weight_norm: str | None = None):
+  def __init__(self, cfg: Any, inits: dict[str, Init], rngs: nnx.Rngs, weight_norm: str | None = None):
     heads, kv, hd, w = cfg.num_heads, cfg.kv_heads, cfg.head_dim, cfg.width
     common = dict(use_bias=cfg.use_bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs,
                   weight_norm=weight_norm)
-    self.q = Dense(w, heads * hd, ("embed", "heads"), std=stds["q"], **common)
-    self.k = Dense(w, kv * hd, ("embed", "heads"), std=stds["k"], **common)
-    self.v = Dense(w, kv * hd, ("embed", "heads"), std=stds["v"], **common)
-    self.o = Dense(heads * hd, w, ("heads", "embed"), std=stds["o"], **common,
+    self.q = Dense(w, heads * hd, ("embed", "heads"), init=inits["q"], **common)
+    self.k = Dense(w, kv * hd, ("embed", "heads"), init=inits["k"], **common)
+    self.v = Dense(w, kv * hd, ("embed", "heads"), init=inits["v"], **common)
+    self.o = Dense(heads * hd, w, ("heads", "embed"), init=inits["o"], **common,
                    center_output=cfg.zero_mean_writers)
     self.shape = (heads, kv, hd)
     self.causal = cfg.causal
@@ -160,20 +177,20 @@ class Mlp(nnx.Module):
   """SwiGLU (LLaMA: down(silu(gate x) * up x)) or GELU (GPT-2, ViT: fc2(gelu(fc1 x)), exact or tanh
   approximation); ``[.., w] -> [.., w]``."""
 
-  def __init__(self, cfg: Any, stds: dict[str, Any], rngs: nnx.Rngs, weight_norm: str | None = None):
+  def __init__(self, cfg: Any, inits: dict[str, Init], rngs: nnx.Rngs, weight_norm: str | None = None):
     w, hidden = cfg.width, cfg.hidden_dim
     common = dict(use_bias=cfg.use_bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs,
                   weight_norm=weight_norm)
     self.gated = cfg.mlp_kind == "swiglu"
     self.approximate = cfg.mlp_kind == "gelu_tanh"
     if self.gated:
-      self.gate = Dense(w, hidden, ("embed", "mlp"), std=stds["gate"], **common)
-      self.up = Dense(w, hidden, ("embed", "mlp"), std=stds["up"], **common)
-      self.down = Dense(hidden, w, ("mlp", "embed"), std=stds["down"], **common,
+      self.gate = Dense(w, hidden, ("embed", "mlp"), init=inits["gate"], **common)
+      self.up = Dense(w, hidden, ("embed", "mlp"), init=inits["up"], **common)
+      self.down = Dense(hidden, w, ("mlp", "embed"), init=inits["down"], **common,
                         center_output=cfg.zero_mean_writers)
     else:
-      self.fc1 = Dense(w, hidden, ("embed", "mlp"), std=stds["fc1"], **common)
-      self.fc2 = Dense(hidden, w, ("mlp", "embed"), std=stds["fc2"], **common,
+      self.fc1 = Dense(w, hidden, ("embed", "mlp"), init=inits["fc1"], **common)
+      self.fc2 = Dense(hidden, w, ("mlp", "embed"), init=inits["fc2"], **common,
                        center_output=cfg.zero_mean_writers)
 
   def __call__(self, x: Array, *, train: bool = False, collect_stats: bool = False,
@@ -283,15 +300,17 @@ def fixed_readers(cfg: Any, slots: Mapping[str, str], layer: Any = None
           for reader, e in entries.items() if e is not None}
 
 
-def activation_norm(cfg: Any, rngs: nnx.Rngs | None = None, *,
+def activation_norm(cfg: Any, site: str, rngs: nnx.Rngs | None = None, *,
                     fixed: Mapping[str, tuple[Any, Any]] | None = None) -> Norm | None:
-  """A residual-stream norm of the configured kind (None for weight-space kinds); a
-  ``RemovableLayerNorm`` when some reader divides by a fixed std (``fixed``, as ``fixed_readers``
-  returns it)."""
+  """The residual-stream norm of the configured kind at ``site`` (``norms.SITES``; None for
+  weight-space kinds); a ``RemovableLayerNorm`` when some reader divides by a fixed std (``fixed``,
+  as ``fixed_readers`` returns it)."""
   spec = norms.get(cfg.norm.kind)
   if spec.acts_on == "weights":
     return None
-  options = dict(cfg.norm.options)
+  at_site = dataclasses.asdict(spec.options(**cfg.norm.options).at_site(site))
+  options = {key: value for key, value in at_site.items()  # the set ones and the site's own
+             if key in cfg.norm.options or value != spec.defaults[key]}
   if "param_dtype" in spec.defaults:
     options["param_dtype"] = cfg.param_dtype  # one home: model.param_dtype (options may not set it)
   if "batch_axes" in spec.defaults:

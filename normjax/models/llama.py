@@ -23,7 +23,8 @@ from flax import nnx
 
 from normjax.models.block import Stack
 from normjax.models.config import ModelConfig
-from normjax.models.layers import Dense, Segments, activation_norm, call_norm, fixed_readers, param
+from normjax.models.layers import Dense, Init, Segments, activation_norm, call_norm, fixed_readers, param
+from normjax.params import Scalar
 
 Array = jax.Array
 
@@ -31,16 +32,18 @@ Array = jax.Array
 class Llama(nnx.Module):
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
-    self.embed = param(rngs, (cfg.vocab_size, cfg.width), cfg.init.std, cfg.param_dtype,
-                       ("vocab", "embed"))
-    self.position = (param(rngs, (cfg.max_positions, cfg.width), cfg.init.std, cfg.param_dtype,
+    init = Init(cfg.init.std)  # the decoders' reference init (normjax.models.inits)
+    self.embed = param(rngs, (cfg.vocab_size, cfg.width), init, cfg.param_dtype, ("vocab", "embed"))
+    self.position = (param(rngs, (cfg.max_positions, cfg.width), init, cfg.param_dtype,
                            (None, "embed")) if cfg.position_kind == "learned" else None)
-    self.embed_norm = activation_norm(cfg, rngs) if cfg.placement.embed_norm else None
+    self.embed_scale = (Scalar(jnp.asarray(cfg.d_model ** 0.5, cfg.param_dtype), out_sharding=(),
+                               eager_sharding=False) if cfg.embed_scale else None)
+    self.embed_norm = activation_norm(cfg, "embed", rngs) if cfg.placement.embed_norm else None
     self.stack = Stack(cfg, rngs)
-    self.final_norm = (activation_norm(cfg, rngs, fixed=fixed_readers(cfg, {"main": "final"}))
+    self.final_norm = (activation_norm(cfg, "final", rngs, fixed=fixed_readers(cfg, {"main": "final"}))
                        if cfg.placement.final_norm else None)
     self.head = None if cfg.tie_embeddings else Dense(
-        cfg.width, cfg.vocab_size, ("embed", "vocab"), std=cfg.init.std, use_bias=cfg.use_bias,
+        cfg.width, cfg.vocab_size, ("embed", "vocab"), init=init, use_bias=cfg.use_bias,
         dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
 
   def __call__(self, tokens: Array, *, train: bool = False, collect_stats: bool = False,
@@ -57,6 +60,8 @@ class Llama(nnx.Module):
     """
     cfg = self.cfg
     x = jnp.take(self.embed[...], tokens, axis=0).astype(cfg.dtype)
+    if self.embed_scale is not None:
+      x = x * self.embed_scale[...].astype(cfg.dtype)
     if (segment_ids is None) != (positions is None):
       raise ValueError("packed rows need both segment_ids and positions (or neither)")
     if self.position is not None:  # learned absolute positions, restarting in each packed document

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from normjax.models import inits
 from normjax.models.block import Stack
 from normjax.models.config import ModelConfig
 from normjax.models.layers import Dense, activation_norm, call_norm, param
@@ -35,15 +36,20 @@ class ViT(nnx.Module):
     num_patches = (cfg.image_size // cfg.patch_size) ** 2
     tokens = num_patches + (cfg.pool == "cls")
     common = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs, use_bias=cfg.use_bias)
+    init = inits.vit_inits(cfg)
     self.patch_embed = Dense(cfg.patch_size ** 2 * cfg.channels, cfg.width, (None, "embed"),
-                             std=cfg.init.std, **common)
-    self.position = param(rngs, (tokens, cfg.width), cfg.init.std, cfg.param_dtype, (None, "embed"))
-    self.cls = (param(rngs, (cfg.width,), cfg.init.std, cfg.param_dtype, ("embed",))
+                             init=init["patch"], **common)
+    # the class token's position is the first row, as HF's ViT stores it
+    self.position = param(rngs, (tokens, cfg.width), init["position"], cfg.param_dtype,
+                          (None, "embed"))
+    self.cls = (param(rngs, (cfg.width,), init["cls"], cfg.param_dtype, ("embed",))
                 if cfg.pool == "cls" else None)
-    self.embed_norm = activation_norm(cfg, rngs) if cfg.placement.embed_norm else None
+    if self.cls is not None and init["cls_position"].rule == "zeros":
+      self.position[...] = self.position[...].at[0].set(0.0)
+    self.embed_norm = activation_norm(cfg, "embed", rngs) if cfg.placement.embed_norm else None
     self.stack = Stack(cfg, rngs)
-    self.final_norm = activation_norm(cfg, rngs) if cfg.placement.final_norm else None
-    self.head = Dense(cfg.width, cfg.num_classes, ("embed", None), std=cfg.init.std, **common)
+    self.final_norm = activation_norm(cfg, "final", rngs) if cfg.placement.final_norm else None
+    self.head = Dense(cfg.width, cfg.num_classes, ("embed", None), init=init["head"], **common)
 
   def summarize(self, h: Array) -> Array:
     """The per-image vector of a token sequence: the class token, or the mean of the patches."""

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from normjax import norms
-from normjax.params import NormParam, NormState
+from normjax.params import NormParam, NormState, Scalar
 
 __all__ = ["Norm", "NormParam", "NormState"]
 
@@ -53,8 +53,8 @@ class Norm(nnx.Module):
     self.param_names = tuple(params)
     self.state_names = tuple(state)
     for name, value in params.items():
-      setattr(self, name, NormParam(value, out_sharding=norms.logical_axes(value),
-                                    eager_sharding=False))
+      kind = Scalar if jnp.ndim(value) == 0 else NormParam
+      setattr(self, name, kind(value, out_sharding=norms.logical_axes(value), eager_sharding=False))
     for name, value in state.items():
       setattr(self, name, NormState(value))
 

@@ -49,6 +49,17 @@ class Options:
         raise ConfigError(f"norm {kind!r} has no option {key!r}; valid options: {valid}{hint}")
     return cls(**overrides)
 
+  def at_site(self, site: str) -> Options:
+    """The options of this kind's norm at ``site`` of a model (one of ``SITES``): the same
+    everywhere unless a kind's recipe differs by site (DyT's LLM alpha_0)."""
+    del site
+    return self
+
+
+# where a model places an activation norm: a block's attention or MLP sublayer, after the
+# embedding, before the head
+SITES = ("attn", "mlp", "embed", "final")
+
 
 @dataclasses.dataclass(frozen=True)
 class TokenOptions(Options):
@@ -80,10 +91,19 @@ class L2Options(Options):
 
 @dataclasses.dataclass(frozen=True)
 class DyTOptions(Options):
+  """DyT's alpha_0 per site (arXiv:2503.10622): ``alpha_init`` everywhere (the vision recipe's 0.5;
+  in the LLM recipe, the MLP's and the embedding norm's), unless ``alpha_attn`` / ``alpha_final``
+  set the attention sublayer's / the final norm's (the LLM recipe: ``norms.dyt_llm_options``)."""
   alpha_init: float = 0.5
+  alpha_attn: float | None = None
+  alpha_final: float | None = None
   use_scale: bool = True
-  use_bias: bool = True
+  use_bias: bool = True  # the LLaMA recipe drops the bias
   param_dtype: Any = jnp.float32
+
+  def at_site(self, site: str) -> DyTOptions:
+    alpha = {"attn": self.alpha_attn, "final": self.alpha_final}.get(site)
+    return self if alpha is None else dataclasses.replace(self, alpha_init=alpha)
 
 
 @dataclasses.dataclass(frozen=True)

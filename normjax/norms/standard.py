@@ -8,6 +8,7 @@ Formulas, defaults and papers: ``docs/norms.md``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -108,7 +109,7 @@ def dyt(x: Array, alpha: Any, scale: Array | None = None, bias: Array | None = N
         axis: int = -1) -> Array:
   """Dynamic Tanh (arXiv:2503.10622): ``scale * tanh(alpha * x) + bias`` with a scalar learnable alpha.
 
-  No statistics at all; alpha is a 0-d array (init 0.5 for vision, 0.8/0.2 attn/ffn in LLaMA-7B).
+  No statistics at all; alpha is a 0-d array (init 0.5 for vision; LLaMA: ``dyt_llm_options``).
   ``x: [..., d]``; scale and bias have shape ``[d]`` (the LLaMA variant drops the bias).
   """
   (ax,) = canonical_axes(x.ndim, axis)
@@ -116,6 +117,22 @@ def dyt(x: Array, alpha: Any, scale: Array | None = None, bias: Array | None = N
   xf = x.astype(stat_dtype(x.dtype))
   y = jnp.tanh(jnp.asarray(alpha, xf.dtype) * xf)
   return affine(y, x, (ax,), scale, bias)
+
+
+# DyT's LLaMA alpha_0 (attention, other) by model width, arXiv:2503.10622 (its width x depth grid
+# of the LLaMA study: depth hardly moves the optimum, width does; 5120 is LLaMA-13B)
+DYT_LLM_ALPHAS = {1024: (1.0, 1.0), 2048: (1.0, 0.5), 4096: (0.8, 0.2), 5120: (0.6, 0.15),
+                  8192: (0.2, 0.05)}
+
+
+def dyt_llm_options(width: int) -> dict[str, Any]:
+  """DyT's LLM recipe for a decoder of ``width``: the options of ``dyt`` (``alpha_attn``, and
+  ``alpha_init`` for the MLP and ``alpha_final`` for the final norm, both the paper's "other"
+  alpha_0) at the published width nearest on a log scale (below 1024: 1024's), without the bias.
+  The recipe's learnable scalar after the embedding is ``ModelConfig.embed_scale``."""
+  nearest = min(DYT_LLM_ALPHAS, key=lambda w: abs(math.log2(w) - math.log2(max(width, 1))))
+  attn, other = DYT_LLM_ALPHAS[nearest]
+  return dict(alpha_attn=attn, alpha_init=other, alpha_final=other, use_bias=False)
 
 
 def fixed_norm(x: Array, std: Any, scale: Array | None = None, bias: Array | None = None, *,
@@ -207,6 +224,6 @@ def group_norm(x: Array, scale: Array | None = None, bias: Array | None = None, 
 
 
 __all__ = [
-    "layer_norm", "rms_norm", "crms_norm", "compress", "decompress", "l2_norm", "dyt", "fixed_norm",
-    "fixed_norm_std", "token_std", "identity", "group_norm",
+    "layer_norm", "rms_norm", "crms_norm", "compress", "decompress", "l2_norm", "dyt", "dyt_llm_options",
+    "fixed_norm", "fixed_norm_std", "token_std", "identity", "group_norm",
 ]

@@ -10,7 +10,7 @@ from typing import Any
 import optax
 from flax import nnx
 
-from normjax.params import Bias, NormParam, map_variables
+from normjax.params import Bias, NormParam, Scalar, map_variables
 from normjax.validation import ConfigError
 
 
@@ -66,9 +66,10 @@ def schedule(optim: OptimConfig, steps: int) -> optax.Schedule:
 def decay_mask(params: nnx.State, decay_norms_and_biases: bool) -> dict[str, Any]:
   """True where weight decay applies, by parameter type (``normjax.params``): dense kernels and
   embeddings always; norm parameters and biases only with ``decay_norms_and_biases`` (the anchors
-  disagree, so it is a field and the mask is written to the workdir). A plain dict like the params."""
-  mask = map_variables(lambda _, var: decay_norms_and_biases or not isinstance(var, (NormParam, Bias)),
-                       params)
+  disagree, so it is a field and the mask is written to the workdir); ``Scalar`` gains never. A
+  plain dict like the params."""
+  mask = map_variables(lambda _, var: not isinstance(var, Scalar) and (
+      decay_norms_and_biases or not isinstance(var, (NormParam, Bias))), params)
   return nnx.to_pure_dict(mask)
 
 
