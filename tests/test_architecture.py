@@ -27,7 +27,9 @@ MASK_CASES = {
     "llama_tiny": ("configs/llama.py:tiny", {}),
     "vit_tiny": ("configs/vit.py:tiny", {}),
     "llama_peri_embed_dyt_tied": ("configs/llama.py:tiny,norm=dyt,placement=peri",
-                                  {"model.placement.embed_norm": True, "model.tie_embeddings": True}),
+                                  # the golden predates DyT's LLM recipe: its bias back, no embed scale
+                                  {"model.placement.embed_norm": True, "model.tie_embeddings": True,
+                                   "model.norm.options.use_bias": True, "model.embed_scale": False}),
     "vit_none_sigma": ("configs/vit.py:tiny,norm=sigma_reparam,placement=none", {}),
     "vit_mean_ln_bias": ("configs/vit.py:tiny", {"model.pool": "mean"}),
     "llama_decay_all": ("configs/llama.py:tiny,norm=layer_norm", {"optim.decay_norms_and_biases": True}),
