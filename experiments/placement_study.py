@@ -4,8 +4,9 @@
   python -m experiments.placement_study --out runs/placement_study --scale paper  # GPU: 6..48 layers
   python -m experiments.summary runs/placement_study                               # the table
 
-Placements: pre, post, peri, mix, lns, deepnorm, post_only, none (no block norms, final norm kept) and
-dyt (Pre placement with DyT in place of the norm). Every run is an ordinary training-loop workdir
+Placements: pre, post, peri, mix, lns, deepnorm, post_only, none (no block norms, final norm kept),
+dyt (Pre placement with DyT in place of the norm) and peri_embed (Peri-LN with the embedding output
+normalized too, which the paper leaves open). Every run is an ordinary training-loop workdir
 with per-depth statistics every ``stats.every`` steps; the sweep skips finished runs and resumes the
 interrupted one.
 """
@@ -17,7 +18,7 @@ from typing import Any
 from experiments import sweep
 from normjax import norms
 
-PLACEMENTS = ("pre", "post", "peri", "mix", "lns", "deepnorm", "post_only", "none", "dyt")
+PLACEMENTS = ("pre", "post", "peri", "mix", "lns", "deepnorm", "post_only", "none", "dyt", "peri_embed")
 # scale: model -> (depths, d_model, heads, steps, batch, seq_len or 0, stats_every)
 SCALES: dict[str, dict[str, tuple[Any, ...]]] = {
     "ci": {"llama": ((1, 2), 32, 2, 6, 8, 32, 3), "vit": ((1, 2), 32, 2, 6, 8, 0, 3)},
@@ -39,6 +40,8 @@ def placement_overrides(placement: str, model: str, width: int) -> dict[str, Any
       changes.update({f"model.norm.options.{key}": value
                       for key, value in norms.dyt_llm_options(width).items()})
     return changes
+  if placement == "peri_embed":
+    return {"model.placement.kind": "peri", "model.placement.embed_norm": True}
   changes = {"model.placement.kind": placement}
   if placement == "deepnorm":
     changes["model.init.scheme"] = "deepnorm"  # DeepNet's beta init belongs to the method

@@ -131,6 +131,16 @@ def test_dyt_llm_recipe_in_the_model():
   assert mask["embed"] is True
 
 
+def test_a_norm_site_outside_the_known_ones_is_refused():
+  """A misspelled site would silently take the kind's default options instead of its recipe's."""
+  from normjax.models import layers
+  cfg = ModelConfig(name="llama", num_layers=1, d_model=64, num_heads=4, vocab_size=64,
+                    norm=NormConfig("dyt", dict(alpha_attn=0.8)))
+  assert float(layers.activation_norm(cfg, "attn", nnx.Rngs(0)).alpha[...]) == pytest.approx(0.8)
+  with pytest.raises(ValueError, match="site 'atn' is not one of"):
+    layers.activation_norm(cfg, "atn", nnx.Rngs(0))
+
+
 def test_llama_config_norm_dyt_takes_the_llm_recipe():
   config = common.load("configs/llama.py:tiny,norm=dyt")
   assert config.model.embed_scale is True

@@ -8,10 +8,12 @@ as pytest whatever kernels (or none) are installed system-wide or in the user's 
 
 import json
 import pathlib
+import shutil
 import sys
 
 import nbclient
 import nbformat
+import numpy as np
 import pytest
 from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import KernelManager
@@ -68,21 +70,53 @@ def test_kernel_runs_this_interpreter(kernel_specs, monkeypatch, tmp_path):
   assert nb.cells[0].outputs[0]["text"].strip() == sys.executable
 
 
-@pytest.mark.xdist_group("tiny_sweep")  # with the sweep\'s builder (conftest)
-def test_variance_growth(tiny_sweep, kernel_specs, monkeypatch):
-  execute("variance_growth.ipynb", kernel_specs, monkeypatch, NORMJAX_SWEEP=str(tiny_sweep))
-  assert_pngs(tiny_sweep / f"variance_growth_{v}.png"
-              for v in ("resid_heatmap", "resid_profile", "grad_heatmap", "grad_profile"))
+@pytest.fixture(scope="module")
+def seeded_sweep(tiny_sweep, tmp_path_factory) -> pathlib.Path:
+  """A copy of the tiny sweep (the shared one stays untouched) where LLaMA pre and post at L=2 also
+  ran under seed 1, with every run's ``depth_analysis.json``: cells of two seeds and of one."""
+  from experiments import depth_analysis, placement_study, sweep
+  out = shutil.copytree(tiny_sweep, tmp_path_factory.mktemp("seeded") / "sweep")
+  runs = [r for r in placement_study.runs("ci", ("llama",), ("pre", "post")) if r.tags["depth"] == 2]
+  sweep.run_all(sweep.with_seeds(runs, 2), out, {"data.data_dir": str(tiny_sweep.parent / "tiny_sweep_tfds"),
+                                                 "mesh.num_devices": 1})
+  depth_analysis.analyze_sweep(out, num_batches=1)
+  return out
+
+
+def test_bands_are_the_intervals_of_the_seeds():
+  """``_plots.mean_band`` is ``experiments.intervals.interval`` per column (and in log10 for log axes)."""
+  sys.path.insert(0, str(NOTEBOOKS))
+  import _plots
+  from experiments import intervals
+  values = np.array([[1.0, 10.0, 2.0], [3.0, 1000.0, np.nan], [8.0, 100.0, 4.0]])  # [seeds, layers]
+  for log, transform in ((False, lambda v: v), (True, np.log10)):
+    mean, low, high = (transform(v) for v in _plots.mean_band(values, log=log))
+    for column in range(values.shape[1]):
+      expected = intervals.interval(list(transform(values[:, column])))
+      np.testing.assert_allclose([mean[column], high[column] - mean[column], mean[column] - low[column]],
+                                 [expected["mean"], expected["ci95"], expected["ci95"]], rtol=1e-12)
+  single = _plots.mean_band(values[:1])
+  assert all(np.array_equal(part, values[0]) for part in single)  # one seed: no band
 
 
 @pytest.mark.xdist_group("tiny_sweep")  # with the sweep\'s builder (conftest)
-def test_placement_comparison(tiny_sweep, kernel_specs, monkeypatch):
-  nb = execute("placement_comparison.ipynb", kernel_specs, monkeypatch, NORMJAX_SWEEP=str(tiny_sweep))
-  assert_pngs([tiny_sweep / "placement_loss_curves.png", tiny_sweep / "placement_angular_distance_llama.png",
-               tiny_sweep / "placement_angular_distance_vit.png"])
+def test_variance_growth(seeded_sweep, kernel_specs, monkeypatch):
+  nb = execute("variance_growth.ipynb", kernel_specs, monkeypatch, NORMJAX_SWEEP=str(seeded_sweep))
+  assert_pngs(seeded_sweep / f"variance_growth_{v}.png"
+              for v in ("resid_heatmap", "resid_profile", "grad_heatmap", "grad_profile", "max_abs"))
+  assert "llama, depth 2, runs per placement: lns x1, post x2, pre x2" in text_outputs(nb)
+
+
+@pytest.mark.xdist_group("tiny_sweep")  # with the sweep\'s builder (conftest)
+def test_placement_comparison(seeded_sweep, kernel_specs, monkeypatch):
+  nb = execute("placement_comparison.ipynb", kernel_specs, monkeypatch, NORMJAX_SWEEP=str(seeded_sweep))
+  assert_pngs([seeded_sweep / f"placement_{v}.png" for v in (
+      "loss_curves", "final_metric", "angular_distance_llama", "angular_distance_vit", "removal_loss")])
   table = text_outputs(nb)
-  for name in ("llama_pre_L01", "llama_post_L02", "llama_lns_L02", "vit_pre_L01"):
+  for name in ("llama_pre_L01", "llama_post_L02", "llama_post_L02_s1", "llama_lns_L02", "vit_pre_L01"):
     assert f"| {name} |" in table, f"{name} missing from the summary table"
+  assert "| llama_pre_L02 | 2 | 0 |" in table and "| llama_lns_L02 | 1 | 0 |" in table  # cells: seeds
+  assert "llama d=32, 6 steps x batch 8, seeds 0-1; vit d=32, 6 steps x batch 8, seed 0" in table
 
 
 def fake_kernel_results():

@@ -17,7 +17,9 @@ def shared(tmp_path_factory):
 def test_placement_grid():
   grid = placement_study.runs("small")
   names = [run.name for run in grid]
-  assert len(names) == len(set(names)) == 9 * 4 + 9 * 3
+  assert len(names) == len(set(names)) == 10 * 4 + 10 * 3
+  peri_embed = next(r for r in grid if r.name == "vit_peri_embed_L02").overrides
+  assert (peri_embed["model.placement.kind"], peri_embed["model.placement.embed_norm"]) == ("peri", True)
   deepnorm = next(r for r in grid if r.name == "llama_deepnorm_L08")
   assert deepnorm.overrides["model.init.scheme"] == "deepnorm"
   dyt = next(r for r in grid if r.name == "vit_dyt_L04")

@@ -305,6 +305,8 @@ def activation_norm(cfg: Any, site: str, rngs: nnx.Rngs | None = None, *,
   """The residual-stream norm of the configured kind at ``site`` (``norms.SITES``; None for
   weight-space kinds); a ``RemovableLayerNorm`` when some reader divides by a fixed std (``fixed``,
   as ``fixed_readers`` returns it)."""
+  if site not in norms.SITES:  # a model's typo would silently get the default options
+    raise ValueError(f"site {site!r} is not one of {norms.SITES}")
   spec = norms.get(cfg.norm.kind)
   if spec.acts_on == "weights":
     return None
