@@ -119,6 +119,14 @@ def band(ax, x: np.ndarray, values: np.ndarray, placement: str, log: bool = Fals
     ax.fill_between(x, low, high, color=color(placement), alpha=0.2, lw=0)
 
 
+def log_axis(ax, drawn: list[np.ndarray]) -> None:
+  """A log y axis when something positive was drawn (a cell whose gradients are exactly 0, like a
+  saturated DyT stack, has nothing to show on one); linear otherwise."""
+  values = np.concatenate([np.ravel(v) for v in drawn]) if drawn else np.zeros(0)
+  if np.any(np.isfinite(values) & (values > 0)):
+    ax.set_yscale("log")
+
+
 def stacked(values: list[np.ndarray]) -> np.ndarray:
   """[seeds, n]: the seeds' arrays cut to the shortest (a diverged seed stops logging early)."""
   n = min(len(v) for v in values)
@@ -243,11 +251,14 @@ def profiles(runs_by_model: dict[str, list[dict[str, Any]]], load: Callable, fir
                            squeeze=False, constrained_layout=True)
   for row, (model, runs) in zip(axes, runs_by_model.items()):
     for ax, step in zip(row, picks[model]):
+      drawn = []
       for (_, _, placement), members in cells(runs).items():
         rows = [y for y in (at_step(r, load(r), step) for r in members) if y is not None]
         if rows:  # a diverged run stops logging early
           band(ax, np.arange(first_layer, first_layer + len(rows[0])), np.stack(rows), placement, log=True)
-      ax.set(title=f"{model} L={runs[0]['depth']}, step {step}", xlabel="layer", ylabel=label, yscale="log")
+          drawn += rows
+      ax.set(title=f"{model} L={runs[0]['depth']}, step {step}", xlabel="layer", ylabel=label)
+      log_axis(ax, drawn)
       ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     row[0].legend(fontsize="small")
     for ax in row[len(picks[model]):]:
@@ -262,12 +273,17 @@ def layer_panels(runs_by_model: dict[str, list[dict[str, Any]]], load: Callable,
   log space for ``yscale="log"``); runs whose ``load`` is None are left out."""
   fig, axes = grid(len(runs_by_model), ncols=2, size=(5.2, 3.6), constrained_layout=True)
   for ax, (model, runs) in zip(axes, runs_by_model.items()):
+    drawn = []
     for (_, depth, placement), members in cells(runs).items():
       rows = [np.asarray(y, np.float64) for y in map(load, members) if y is not None]
       if rows:
         band(ax, np.arange(1, depth + 1), np.stack(rows), placement, log=yscale == "log")
+        drawn += rows
     ax.set(title=f"{model} L={runs[0]['depth']}", xlabel="block", ylabel=label)
-    ax.set_yscale(yscale, **({"linthresh": 1e-3} if yscale == "symlog" else {}))
+    if yscale == "log":
+      log_axis(ax, drawn)
+    else:
+      ax.set_yscale(yscale, **({"linthresh": 1e-3} if yscale == "symlog" else {}))
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.legend(fontsize="small")
   fig.suptitle(describe([r for rs in runs_by_model.values() for r in rs]))
