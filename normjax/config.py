@@ -15,6 +15,7 @@ import importlib.util
 import json
 import math
 import pathlib
+import re
 import typing
 from collections.abc import Mapping
 from typing import Any, NamedTuple
@@ -169,6 +170,7 @@ class Validated(NamedTuple):
   optim: OptimConfig
   mesh: dict[str, int]  # axis -> size, -1 filled
   tvr: variance.TVRConfig | None  # None when disabled
+  trainable: str  # train.trainable: all, norms or a regular expression over parameter paths
 
 
 VOCAB_MULTIPLE = 128
@@ -312,7 +314,22 @@ def validate(config: mlc.ConfigDict, available_devices: int, num_processes: int 
   if config.tvr.enabled:
     _positive(config, "tvr.every")
     tvr = variance.TVRConfig(**{k: v for k, v in config.tvr.items() if k != "enabled"})
-  return Validated(model, data_cfg, optim, sizes, tvr)
+  trainable = _trainable(config.train.get("trainable", "all"))
+  return Validated(model, data_cfg, optim, sizes, tvr, trainable)
+
+
+def _trainable(value: Any) -> str:
+  """``train.trainable``: all, norms or a regular expression (which parameters it selects is
+  checked against the model when the optimizer is built)."""
+  if not isinstance(value, str) or not value:
+    raise ConfigError(f"train.trainable={value!r} must be all, norms or a regular expression")
+  if value not in ("all", "norms"):
+    try:
+      re.compile(value)
+    except re.error as error:
+      raise ConfigError(f"train.trainable={value!r} is not all, norms or a regular expression: "
+                        f"{error}") from None
+  return value
 
 
 # What a resumed run may change: how long it runs, how often it logs, evaluates, saves and records

@@ -127,7 +127,7 @@ def test_weight_decay_masks_of_the_shipped_configs_do_not_change():
   for name, (spec, overrides) in MASK_CASES.items():
     config = common.load(spec, overrides)
     model_cfg = common.validate(config, jax.device_count()).model.replace(num_layers=2)
-    _, _, decay = build_steps(config, model_cfg)
+    _, _, (decay, _) = build_steps(config, model_cfg)
     flat = {"/".join(path_names(p)): bool(v) for p, v in jax.tree_util.tree_flatten_with_path(decay)[0]}
     assert flat == golden[name], name
 
