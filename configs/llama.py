@@ -22,7 +22,7 @@ import ml_collections as mlc
 
 from normjax import config as common
 from normjax import norms, variance
-from normjax.train import adamp
+from normjax.train import adamp, conda
 from normjax.data.tokenizers import TokenizerConfig
 
 # The 130m-1b sizes and their lr/steps/warmup are the LLaMA harness shared by the Mix-LN
@@ -156,7 +156,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
       trainable="all",
   ))
   c.optim = mlc.ConfigDict(dict(
-      name="adamw",  # adamw | adamp (arXiv:2006.08217; its options below)
+      name="adamw",  # adamw | adamp (arXiv:2006.08217) | conda (arXiv:2509.24218); options below
       lr=v["lr"],  # peak learning rate of the warmup + cosine schedule
       warmup_steps=v["warmup_steps"],  # linear warmup from 0
       min_lr_ratio=0.1,  # cosine decays to lr * min_lr_ratio at train.steps
@@ -167,6 +167,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
       decay_norms_and_biases=False,  # also decay norm parameters and dense biases (MaxText, nanodo do)
       clip_norm=v.get("clip_norm", 1.0),  # global gradient-norm clip (0 = off)
       adamp=common.section(adamp.AdamPOptions()),  # delta, wd_ratio, nesterov
+      conda=common.section(conda.CondaOptions()),  # update_proj_gap, scale
   ))
   # Target Variance Rescaling (arXiv:2503.17500): every, target_std, threshold, per_layer_target,
   # defaults in normjax.variance.TVRConfig.

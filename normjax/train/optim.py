@@ -1,4 +1,4 @@
-"""The optimizer: AdamW or AdamP (``optim.name``) with warmup + cosine decay, gradient clipping, an
+"""The optimizer: AdamW, AdamP or Conda (``optim.name``) with warmup + cosine decay, gradient clipping, an
 explicit weight-decay mask, and a trainable mask (``train.trainable``) that freezes the rest."""
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ import optax
 from flax import nnx
 
 from normjax.params import Bias, NormParam, Scalar, map_variables
-from normjax.train import adamp
+from normjax.train import adamp, conda
 from normjax.validation import ConfigError
 
-OPTIMIZERS = ("adamw", "adamp")
+OPTIMIZERS = ("adamw", "adamp", "conda")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +35,7 @@ class OptimConfig:
   decay_norms_and_biases: bool
   clip_norm: float
   adamp: adamp.AdamPOptions  # read when name == "adamp"
+  conda: conda.CondaOptions  # read when name == "conda"
 
   def __post_init__(self):
     if self.name not in OPTIMIZERS:
@@ -56,6 +57,7 @@ class OptimConfig:
       raise ConfigError(f"optim.{unknown[0]} is not an optimizer field; valid fields: {sorted(fields)}")
     values = {key: section[key] for key in fields}
     values["adamp"] = _record(adamp.AdamPOptions, "optim.adamp", section["adamp"])
+    values["conda"] = _record(conda.CondaOptions, "optim.conda", section["conda"])
     return cls(**values)
 
 
@@ -138,6 +140,10 @@ def make_optimizer(params: nnx.State, optim: OptimConfig, steps: int, trainable:
     chain.append(adamp.adamp(lr, views=adamp.views(params), b1=optim.b1, b2=optim.b2, eps=optim.eps,
                              weight_decay=optim.weight_decay, weight_decay_mask=mask,
                              **dataclasses.asdict(optim.adamp)))
+  elif optim.name == "conda":
+    chain.append(conda.conda(lr, targets=conda.targets(params), b1=optim.b1, b2=optim.b2, eps=optim.eps,
+                             weight_decay=optim.weight_decay, weight_decay_mask=mask,
+                             **dataclasses.asdict(optim.conda)))
   else:
     chain.append(optax.adamw(lr, b1=optim.b1, b2=optim.b2, eps=optim.eps,
                              weight_decay=optim.weight_decay, mask=mask))
