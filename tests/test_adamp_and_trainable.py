@@ -211,7 +211,8 @@ def test_only_the_trainable_parameters_move(tmp_path, data_dir, trainable):
 
 
 @pytest.mark.parametrize("changes, match", [
-    ({"optim.name": "sgd"}, r"optim.name='sgd' is not an optimizer; choose one of \\['adamw', 'adamp', 'conda'\\]"),
+    ({"optim.name": "sgd"},
+     r"optim.name='sgd' is not an optimizer; choose one of \['adamw', 'adamp', 'conda'\]"),
     ({"optim.adamp.wd_ratio": 2.0}, r"optim.adamp.wd_ratio=2.0 must be in \[0, 1\]"),
     ({"train.trainable": "(norm"}, r"train.trainable='\(norm' is not all, norms or a regular expression"),
 ])
