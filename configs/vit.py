@@ -66,6 +66,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
       scan_layers=True,  # nnx.scan over depth
       remat="none",  # none, full, dots
       zero_mean_writers=False,  # W - mean_out(W) for residual writers (LN == RMSNorm exactly)
+      reparam="none",  # "sigma": every dense layer gamma / sigma(W) * W (arXiv:2303.06296)
       compressed=False,  # d-1 stored residual coordinates (with norm crms_norm: Pre-CRMSNorm)
   ))
   c.data = mlc.ConfigDict(dict(
