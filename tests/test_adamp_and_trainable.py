@@ -229,3 +229,21 @@ def test_a_trainable_pattern_that_selects_nothing_names_the_paths():
   optim = OptimConfig.from_section(common.load("configs/llama.py:tiny").optim)
   with pytest.raises(ConfigError, match=r"train.trainable='lora' selects no parameter; .*'embed'"):
     make_optimizer(params, optim, 10, "lora")
+
+
+def test_a_workdir_saved_before_these_fields_resumes_and_restores(tmp_path, data_dir):
+  """A config.json from before optim.name / optim.adamp / optim.conda / train.trainable /
+  model.reparam existed means AdamW, all trainable, plain kernels: resuming it with today's
+  defaults is no change, and its optimizer section still builds."""
+  from normjax.config import resume_changes
+  config = load_config("configs/llama.py:tiny", SMALL_LLAMA, data_dir)
+  saved = json.loads(config.to_json_best_effort())
+  for section, key in (("optim", "name"), ("optim", "adamp"), ("optim", "conda"), ("train", "trainable"),
+                       ("model", "reparam")):
+    del saved[section][key]
+  assert resume_changes(saved, config) == {}
+  assert OptimConfig.from_section(saved["optim"]).name == "adamw"
+  changed = load_config("configs/llama.py:tiny", {**SMALL_LLAMA, "optim.adamp.delta": 0.2}, data_dir)
+  assert resume_changes(json.loads(config.to_json_best_effort()), changed) == {}  # adamp unused
+  changed = load_config("configs/llama.py:tiny", {**SMALL_LLAMA, "train.trainable": "norms"}, data_dir)
+  assert resume_changes(saved, changed) == {"train.trainable": ("<absent>", "norms")}

@@ -67,7 +67,7 @@ def build_steps(config: mlc.ConfigDict, model_cfg: Any, *, abstract: bool = Fals
   model = nnx.eval_shape(build) if abstract else build()
   optim = OptimConfig.from_section(config.optim)
   tx, decay, trainable = make_optimizer(nnx.state(model, nnx.Param), optim, config.train.steps,
-                                        config.train.trainable)
+                                        config.train.get("trainable", "all"))
   return model, Steps(model, tx, schedule(optim, config.train.steps)), (decay, trainable)
 
 

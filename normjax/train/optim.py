@@ -24,7 +24,6 @@ OPTIMIZERS = ("adamw", "adamp", "conda")
 class OptimConfig:
   """The ``optim`` section, checked: every number finite and in its range (a NaN learning rate or
   a beta of 1.5 would otherwise compile and train into NaN or a broken schedule)."""
-  name: str  # one of OPTIMIZERS
   lr: float
   warmup_steps: int
   min_lr_ratio: float
@@ -34,8 +33,10 @@ class OptimConfig:
   weight_decay: float
   decay_norms_and_biases: bool
   clip_norm: float
-  adamp: adamp.AdamPOptions  # read when name == "adamp"
-  conda: conda.CondaOptions  # read when name == "conda"
+  # added later: a config saved before has none of them and means AdamW
+  name: str = "adamw"  # one of OPTIMIZERS
+  adamp: adamp.AdamPOptions = adamp.AdamPOptions()  # read when name == "adamp"
+  conda: conda.CondaOptions = conda.CondaOptions()  # read when name == "conda"
 
   def __post_init__(self):
     if self.name not in OPTIMIZERS:
@@ -55,9 +56,9 @@ class OptimConfig:
     unknown = sorted(set(section.keys()) - fields)
     if unknown:
       raise ConfigError(f"optim.{unknown[0]} is not an optimizer field; valid fields: {sorted(fields)}")
-    values = {key: section[key] for key in fields}
-    values["adamp"] = _record(adamp.AdamPOptions, "optim.adamp", section["adamp"])
-    values["conda"] = _record(conda.CondaOptions, "optim.conda", section["conda"])
+    values = {key: section[key] for key in fields if key in section}
+    values["adamp"] = _record(adamp.AdamPOptions, "optim.adamp", section.get("adamp", {}))
+    values["conda"] = _record(conda.CondaOptions, "optim.conda", section.get("conda", {}))
     return cls(**values)
 
 
