@@ -22,6 +22,7 @@ import ml_collections as mlc
 
 from normjax import config as common
 from normjax import norms, variance
+from normjax.train import adamp, conda
 from normjax.data.tokenizers import TokenizerConfig
 
 # The 130m-1b sizes and their lr/steps/warmup are the LLaMA harness shared by the Mix-LN
@@ -123,6 +124,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
       scan_layers=True,  # nnx.scan over depth (False: unrolled)
       remat="none",  # none, full, dots
       zero_mean_writers=False,  # W - mean_out(W) for residual writers (LN == RMSNorm exactly)
+      reparam="none",  # "sigma": every dense layer gamma / sigma(W) * W (arXiv:2303.06296)
       compressed=False,  # d-1 stored residual coordinates (with norm crms_norm: Pre-CRMSNorm)
   ))
   c.data = mlc.ConfigDict(dict(
@@ -150,8 +152,12 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
       log_every=10,  # steps between metrics.jsonl rows
       eval_every=100,  # steps between validation passes (and one at the end; 0 = only at the end)
       eval_steps=4,  # validation batches per pass
+      # which parameters train: all, norms (only the norms' gains, biases, alphas: BatchNorm-only
+      # training, LayerNorm tuning) or a regular expression searched in each path, e.g. "norm|head"
+      trainable="all",
   ))
   c.optim = mlc.ConfigDict(dict(
+      name="adamw",  # adamw | adamp (arXiv:2006.08217) | conda (arXiv:2509.24218); options below
       lr=v["lr"],  # peak learning rate of the warmup + cosine schedule
       warmup_steps=v["warmup_steps"],  # linear warmup from 0
       min_lr_ratio=0.1,  # cosine decays to lr * min_lr_ratio at train.steps
@@ -161,6 +167,8 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
       weight_decay=v.get("weight_decay", 0.1),  # decoupled weight decay on the decayed parameters
       decay_norms_and_biases=False,  # also decay norm parameters and dense biases (MaxText, nanodo do)
       clip_norm=v.get("clip_norm", 1.0),  # global gradient-norm clip (0 = off)
+      adamp=common.section(adamp.AdamPOptions()),  # delta, wd_ratio, nesterov
+      conda=common.section(conda.CondaOptions()),  # update_proj_gap, scale
   ))
   # Target Variance Rescaling (arXiv:2503.17500): every, target_std, threshold, per_layer_target,
   # defaults in normjax.variance.TVRConfig.

@@ -15,6 +15,7 @@ import ml_collections as mlc
 
 from normjax import config as common
 from normjax import variance
+from normjax.train import adamp, conda
 
 # s16/b16: ViT-S/16 and ViT-B/16 (Dosovitskiy et al., arXiv:2010.11929; the S size from DeiT,
 # arXiv:2012.12877) with the ImageNet schedule of "Better plain ViT baselines" (arXiv:2205.01580).
@@ -65,6 +66,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
       scan_layers=True,  # nnx.scan over depth
       remat="none",  # none, full, dots
       zero_mean_writers=False,  # W - mean_out(W) for residual writers (LN == RMSNorm exactly)
+      reparam="none",  # "sigma": every dense layer gamma / sigma(W) * W (arXiv:2303.06296)
       compressed=False,  # d-1 stored residual coordinates (with norm crms_norm: Pre-CRMSNorm)
   ))
   c.data = mlc.ConfigDict(dict(
@@ -82,8 +84,12 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
       log_every=10,  # steps between metrics.jsonl rows
       eval_every=100,  # steps between validation passes (and one at the end; 0 = only at the end)
       eval_steps=4,  # validation batches per pass
+      # which parameters train: all, norms (only the norms' gains, biases, alphas: BatchNorm-only
+      # training, LayerNorm tuning) or a regular expression searched in each path, e.g. "norm|head"
+      trainable="all",
   ))
   c.optim = mlc.ConfigDict(dict(
+      name="adamw",  # adamw | adamp (arXiv:2006.08217) | conda (arXiv:2509.24218); options below
       lr=v["lr"],  # peak learning rate of the warmup + cosine schedule
       warmup_steps=v["warmup_steps"],  # linear warmup from 0
       min_lr_ratio=0.1,  # cosine decays to lr * min_lr_ratio at train.steps
@@ -93,6 +99,8 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
       weight_decay=0.1,  # decoupled weight decay on the decayed parameters
       decay_norms_and_biases=False,  # also decay norm parameters and dense biases
       clip_norm=1.0,  # global gradient-norm clip (0 = off)
+      adamp=common.section(adamp.AdamPOptions()),  # delta, wd_ratio, nesterov
+      conda=common.section(conda.CondaOptions()),  # update_proj_gap, scale
   ))
   # Target Variance Rescaling (arXiv:2503.17500): defaults in normjax.variance.TVRConfig.
   c.tvr = common.section(variance.TVRConfig(), enabled=False)

@@ -15,6 +15,7 @@ import importlib.util
 import json
 import math
 import pathlib
+import re
 import typing
 from collections.abc import Mapping
 from typing import Any, NamedTuple
@@ -26,7 +27,7 @@ from normjax import data, norms, variance
 from normjax.axes import BATCH_AXES, MESH_AXES
 from normjax.models import ModelConfig
 from normjax.train import mesh as mesh_lib
-from normjax.train.optim import OptimConfig
+from normjax.train.optim import OPTIMIZERS, OptimConfig
 from normjax.validation import ConfigError, check_choice, closest, parse_value
 
 __all__ = ["MAY_CHANGE_ON_RESUME", "ConfigError", "Validated", "check_choice", "differences",
@@ -169,6 +170,7 @@ class Validated(NamedTuple):
   optim: OptimConfig
   mesh: dict[str, int]  # axis -> size, -1 filled
   tvr: variance.TVRConfig | None  # None when disabled
+  trainable: str  # train.trainable: all, norms or a regular expression over parameter paths
 
 
 VOCAB_MULTIPLE = 128
@@ -312,7 +314,22 @@ def validate(config: mlc.ConfigDict, available_devices: int, num_processes: int 
   if config.tvr.enabled:
     _positive(config, "tvr.every")
     tvr = variance.TVRConfig(**{k: v for k, v in config.tvr.items() if k != "enabled"})
-  return Validated(model, data_cfg, optim, sizes, tvr)
+  trainable = _trainable(config.train.get("trainable", "all"))
+  return Validated(model, data_cfg, optim, sizes, tvr, trainable)
+
+
+def _trainable(value: Any) -> str:
+  """``train.trainable``: all, norms or a regular expression (which parameters it selects is
+  checked against the model when the optimizer is built)."""
+  if not isinstance(value, str) or not value:
+    raise ConfigError(f"train.trainable={value!r} must be all, norms or a regular expression")
+  if value not in ("all", "norms"):
+    try:
+      re.compile(value)
+    except re.error as error:
+      raise ConfigError(f"train.trainable={value!r} is not all, norms or a regular expression: "
+                        f"{error}") from None
+  return value
 
 
 # What a resumed run may change: how long it runs, how often it logs, evaluates, saves and records
@@ -341,8 +358,17 @@ def differences(saved: Mapping[str, Any], config: mlc.ConfigDict, ignore: frozen
   a config's JSON and ``config``; "<absent>" marks a field only one of them has."""
   old, new = _flat(saved), _flat(json.loads(config.to_json_best_effort()))
   absent = "<absent>"
+  unread = tuple(f"optim.{name}." for name in OPTIMIZERS if name != new.get("optim.name", "adamw"))
   return {key: (old.get(key, absent), new.get(key, absent)) for key in sorted(old.keys() | new.keys())
-          if key not in ignore and old.get(key, absent) != new.get(key, absent)}
+          if key not in ignore and old.get(key, absent) != new.get(key, absent)
+          and not key.startswith(unread)
+          and not (key not in old and key in ADDED and new.get(key) == ADDED[key])}
+
+
+# Fields added after runs were saved, with the value that computes what the older code did: a saved
+# config without one resumes when it holds that value (the options of an optimizer other than the
+# selected one are never read, so they never count).
+ADDED = {"optim.name": "adamw", "train.trainable": "all", "model.reparam": "none"}
 
 
 def resume_changes(saved: Mapping[str, Any], config: mlc.ConfigDict) -> dict[str, tuple[Any, Any]]:

@@ -65,7 +65,7 @@ def test_a_setting_given_twice_is_an_error_naming_both(option, home):
 
 def test_mixes_positions_is_declared_by_the_registry():
   mixing = {name for name in norms.names() if norms.get(name).mixes_positions}
-  assert mixing == {"batch_norm", "batch_channel_norm", "power_norm", "evonorm_b0"}
+  assert mixing == {"batch_norm", "batch_channel_norm", "power_norm", "evonorm_b0", "prepbn"}
   for name in mixing:  # and that is what keeps them out of the causal decoder
     with pytest.raises(ConfigError, match="leaks future tokens"):
       ModelConfig(norm=NormConfig(name))
@@ -127,7 +127,7 @@ def test_weight_decay_masks_of_the_shipped_configs_do_not_change():
   for name, (spec, overrides) in MASK_CASES.items():
     config = common.load(spec, overrides)
     model_cfg = common.validate(config, jax.device_count()).model.replace(num_layers=2)
-    _, _, decay = build_steps(config, model_cfg)
+    _, _, (decay, _) = build_steps(config, model_cfg)
     flat = {"/".join(path_names(p)): bool(v) for p, v in jax.tree_util.tree_flatten_with_path(decay)[0]}
     assert flat == golden[name], name
 

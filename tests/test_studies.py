@@ -6,7 +6,8 @@ import json
 import numpy as np
 import pytest
 
-from experiments import equivalence, intervals, placement_study, summary, sweep, variance_control
+from experiments import (equivalence, intervals, methods_study, placement_study, summary, sweep,
+                         variance_control)
 
 
 @pytest.fixture(scope="module")
@@ -106,3 +107,17 @@ def test_summary_writes_cells_over_seeds(tmp_path, shared):
   summary.write(tmp_path)
   cells = (tmp_path / "cells.md").read_text()
   assert "| vit_pre_L01 | 2 | 0 |" in cells and "| vit | 1 | post |" in cells
+
+
+def test_methods_study_grid_and_a_ci_run(tmp_path, shared):
+  """Every method of the study is one run against its model's baseline, and each trains at the
+  ci scale to a finite loss."""
+  grid = methods_study.runs("small")
+  assert [r.name for r in grid] == list(methods_study.variants(300))
+  conda = next(r for r in grid if r.name == "llama_conda").overrides
+  assert (conda["optim.name"], conda["optim.conda.update_proj_gap"]) == ("conda", 30)
+  results = sweep.run_all(methods_study.runs("ci"), tmp_path, shared)
+  assert len(results) == 8 and not any(r["diverged"] for r in results)
+  assert all(np.isfinite(r["train_loss"]) for r in results)
+  trainable = json.loads((tmp_path / "llama_norms_only" / "trainable.json").read_text())
+  assert trainable["parameters"] < trainable["total"] / 50

@@ -127,6 +127,7 @@ def check_exportable(cfg: ModelConfig) -> Family:
             "model.compressed": (cfg.compressed, False),
             "model.zero_mean_writers": (cfg.zero_mean_writers, False),
             "model.embed_scale": (cfg.embed_scale, False),
+            "model.reparam": (cfg.reparam, "none"),
             "model.fixed_norm": (cfg.fixed_norm.slots, ())}  # LayerNorm removal: no HF class has it
   if options is not None:
     wanted.update({"model.norm.options.use_scale": (options.use_scale, True),

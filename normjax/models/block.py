@@ -30,7 +30,7 @@ from normjax import norms, placements
 from normjax.models import inits
 from normjax.models.config import REMAT_POLICIES, ModelConfig
 from normjax.models.layers import (Attention, Mlp, RemovableLayerNorm, activation_norm, call_norm,
-                                   fixed_readers, uses_kernel)
+                                   fixed_readers, reparam_kind, uses_kernel)
 
 Array = jax.Array
 
@@ -69,7 +69,7 @@ class Block(nnx.Module):
   def __init__(self, cfg: ModelConfig, layer: Any, rngs: nnx.Rngs):
     block_inits = inits.block_inits(cfg, layer)
     spec = norms.get(cfg.norm.kind)
-    weight_norm = spec.name if spec.acts_on == "weights" else None
+    weight_norm = reparam_kind(cfg) or (spec.name if spec.acts_on == "weights" else None)
     self.attn = Attention(cfg, block_inits, rngs, weight_norm)
     self.mlp = Mlp(cfg, block_inits, rngs, weight_norm)
     placement = placements.get(cfg.placement.kind)

@@ -156,6 +156,9 @@ class ModelConfig:
   # Writers to the residual stream (embedding output, attention o, MLP down/fc2) use W - mean_out(W):
   # the stream has zero mean for ANY parameters, so layer_norm == rms_norm exactly, in training too.
   zero_mean_writers: bool = False
+  # "sigma": every dense layer (blocks, head, the ViT's patch embedding) as gamma / sigma(W) * W
+  # (sigmaReparam, arXiv:2303.06296), whatever the activation norms; "none": plain kernels
+  reparam: str = "none"
   norm: NormConfig = NormConfig()
   placement: PlacementConfig = PlacementConfig()
   init: InitConfig = InitConfig()
@@ -250,6 +253,7 @@ def _check(cfg: ModelConfig) -> None:
     raise ConfigError("model.embed_scale=True belongs to the decoders (DyT's LLaMA recipe); the "
                       "ViT has no token embedding to scale: set it False")
   check_choice(cfg.init.base, "model.init.base", inits.BASES)
+  _check_reparam(cfg)
   if inits.big_vision(cfg) and cfg.init.std != InitConfig.std:
     raise ConfigError(f"model.init.std={cfg.init.std} is not read by the ViT's reference init "
                       "(model.init.base='family': fan-in and Xavier initializers); set "
@@ -291,6 +295,20 @@ def _check(cfg: ModelConfig) -> None:
     raise ConfigError("model.init.scheme='scaled' with model.placement.kind='lns': LayerNorm Scaling "
                       "must not be combined with scaled init (LNS paper, Table 4); use 'normal'")
   _check_fixed(cfg, spec)
+
+
+REPARAMS = ("none", "sigma")
+
+
+def _check_reparam(cfg: ModelConfig) -> None:
+  """A weight-space norm kind would reparametrize the block kernels a second time."""
+  check_choice(cfg.reparam, "model.reparam", REPARAMS)
+  if cfg.reparam == "none":
+    return
+  if norms.get(cfg.norm.kind).acts_on == "weights":
+    raise ConfigError(f"model.reparam={cfg.reparam!r} with model.norm.kind={cfg.norm.kind!r}: both "
+                      "reparametrize the block kernels; use model.reparam alone (with any activation "
+                      "norm, or placement 'none' for none)")
 
 
 def _check_fixed(cfg: ModelConfig, spec: norms.NormSpec) -> None:

@@ -45,8 +45,10 @@ def block_inits(cfg: Any, layer: Any) -> dict[str, Init]:
 
 def vit_inits(cfg: Any) -> dict[str, Init]:
   """The ViT's patch kernel, positions (patch rows; ``cls_position`` the class token's row),
-  class token and head kernel."""
+  class token and head kernel. Under ``model.reparam`` the reference's zero head becomes
+  N(0, std^2), the sigmaReparam paper's init: a zero kernel has no spectral norm to divide by."""
   if not big_vision(cfg):
     return dict.fromkeys(("patch", "position", "cls_position", "cls", "head"), Init(cfg.init.std))
+  head = ZEROS if cfg.reparam == "none" else Init(cfg.init.std)  # std is 0.02 with this base
   return dict(patch=Init(1.0, "lecun_normal"), position=Init(1.0 / math.sqrt(cfg.width)),
-              cls_position=ZEROS, cls=ZEROS, head=ZEROS)
+              cls_position=ZEROS, cls=ZEROS, head=head)

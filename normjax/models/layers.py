@@ -58,6 +58,11 @@ def param(rngs: nnx.Rngs | None, shape: tuple[int, ...], init: Init, dtype: Any,
   return kind(value, out_sharding=axes, eager_sharding=False)
 
 
+def reparam_kind(cfg: Any) -> str | None:
+  """The weight-space norm every dense layer applies under ``model.reparam`` (None: plain)."""
+  return "sigma_reparam" if cfg.reparam == "sigma" else None
+
+
 class Dense(nnx.Module):
   """``[..., in] -> [..., out]``; kernel ``[in, out]`` with logical axes ``axes``.
 

@@ -23,7 +23,8 @@ from flax import nnx
 
 from normjax.models.block import Stack
 from normjax.models.config import ModelConfig
-from normjax.models.layers import Dense, Init, Segments, activation_norm, call_norm, fixed_readers, param
+from normjax.models.layers import (Dense, Init, Segments, activation_norm, call_norm, fixed_readers, param,
+                                   reparam_kind)
 from normjax.params import Scalar
 
 Array = jax.Array
@@ -44,7 +45,7 @@ class Llama(nnx.Module):
                        if cfg.placement.final_norm else None)
     self.head = None if cfg.tie_embeddings else Dense(
         cfg.width, cfg.vocab_size, ("embed", "vocab"), init=init, use_bias=cfg.use_bias,
-        dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
+        dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs, weight_norm=reparam_kind(cfg))
 
   def __call__(self, tokens: Array, *, train: bool = False, collect_stats: bool = False,
                skip_layer: Any = None, segment_ids: Array | None = None,

@@ -18,7 +18,7 @@ from flax import nnx
 from normjax.models import inits
 from normjax.models.block import Stack
 from normjax.models.config import ModelConfig
-from normjax.models.layers import Dense, activation_norm, call_norm, param
+from normjax.models.layers import Dense, activation_norm, call_norm, param, reparam_kind
 
 Array = jax.Array
 
@@ -35,7 +35,8 @@ class ViT(nnx.Module):
     self.cfg = cfg
     num_patches = (cfg.image_size // cfg.patch_size) ** 2
     tokens = num_patches + (cfg.pool == "cls")
-    common = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs, use_bias=cfg.use_bias)
+    common = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs, use_bias=cfg.use_bias,
+                  weight_norm=reparam_kind(cfg))
     init = inits.vit_inits(cfg)
     self.patch_embed = Dense(cfg.patch_size ** 2 * cfg.channels, cfg.width, (None, "embed"),
                              init=init["patch"], **common)

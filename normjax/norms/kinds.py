@@ -7,12 +7,12 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from normjax.norms import batch, power, standard, weight
+from normjax.norms import batch, power, prepbn, standard, weight
 from normjax.norms._util import canonical_axes, param_shape
 from normjax.norms.registry import (BatchChannelOptions, BatchOptions, DyTOptions, EvoB0Options,
                                     FixedOptions, GroupOptions, L2Options, LayerNormOptions,
-                                    NoOptions, NormSpec, Params, PowerOptions, SigmaOptions,
-                                    TokenOptions, WSOptions, register)
+                                    NoOptions, NormSpec, Params, PowerOptions, PRepBNOptions,
+                                    SigmaOptions, TokenOptions, WSOptions, register)
 
 
 def _features(x: Any, axis: Any) -> tuple[int, ...]:
@@ -134,6 +134,30 @@ register(NormSpec(
     apply_fn=_power_apply, init_params_fn=lambda key, x, o: _affine((x.shape[-1],), o),
     init_state_fn=lambda x, o: power.power_norm_init_state(x.shape[-1]), call_options=("mask",),
     mixes_positions=True))
+
+
+def _prepbn_init(key, x, o):
+  del key
+  c = x.shape[-1]
+  ln = {"ln_scale": jnp.ones((c,), o.param_dtype)}
+  if o.ln == "layer_norm":
+    ln["ln_bias"] = jnp.zeros((c,), o.param_dtype)
+  return {**ln, "bn_scale": jnp.full((c,), o.bn_scale_init, o.param_dtype),
+          "bn_bias": jnp.zeros((c,), o.param_dtype), "eta": jnp.asarray(o.eta_init, o.param_dtype)}
+
+
+def _prepbn_apply(x, p, s, o, train, mask=None):
+  return prepbn.prepbn(x, p["ln_scale"], p.get("ln_bias"), p["bn_scale"], p["bn_bias"], p["eta"],
+                       s["mean"], s["var"], s["step"], train=train, warmup_steps=o.warmup_steps,
+                       decay_steps=o.decay_steps, ln=o.ln, momentum=o.momentum, eps=o.eps,
+                       ln_eps=o.ln_eps, mask=mask)
+
+
+register(NormSpec(
+    name="prepbn", fn=prepbn.prepbn, summary="PRepBN: LayerNorm annealed into BN(x) + eta x",
+    options_type=PRepBNOptions, apply_fn=_prepbn_apply, init_params_fn=_prepbn_init,
+    init_state_fn=lambda x, o: {**_running_init(x, o), "step": jnp.zeros((), jnp.float32)},
+    call_options=("mask",), mixes_positions=True))
 
 
 def _evo_init(key, x, o):

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 
 from normjax.norms._util import CASTINGS, Array, Axis
 from normjax.norms.power import BACKWARDS
+from normjax.norms.prepbn import LN_KINDS
 from normjax.norms.weight import WS_VARIANTS
 from normjax.validation import ConfigError, check_choice, closest
 
@@ -165,6 +166,30 @@ class PowerOptions(Options):
 
   def __post_init__(self):
     check_choice(self.backward, "backward", BACKWARDS)
+
+
+@dataclasses.dataclass(frozen=True)
+class PRepBNOptions(Options):
+  """PRepBN (arXiv:2405.11582): LayerNorm for ``warmup_steps``, then blended into RepBN over
+  ``decay_steps`` (the paper's DeiT/Swin runs: 60000). The init is the vision code's (eta 1, BN
+  gain 1); its LLaMA run starts both at 0 (``eta_init=0, bn_scale_init=0``)."""
+  ln: str = "layer_norm"  # the norm annealed away: layer_norm (vision) or rms_norm (the LLaMA run)
+  warmup_steps: int = 0
+  decay_steps: int = 60_000
+  eta_init: float = 1.0
+  bn_scale_init: float = 1.0
+  momentum: float = 0.9
+  eps: float = 1e-5  # the BatchNorm's
+  ln_eps: float = 1e-6  # the LayerNorm's (the DeiT code's)
+  param_dtype: Any = jnp.float32
+
+  def __post_init__(self):
+    check_choice(self.ln, "ln", LN_KINDS)
+    for name in ("warmup_steps", "decay_steps"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or value < (0 if name == "warmup_steps" else 1):
+        raise ConfigError(f"prepbn option {name}={value!r} must be an integer >= "
+                          f"{0 if name == 'warmup_steps' else 1}")
 
 
 @dataclasses.dataclass(frozen=True)

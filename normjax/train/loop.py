@@ -62,12 +62,13 @@ def build_steps(config: mlc.ConfigDict, model_cfg: Any, *, abstract: bool = Fals
                 ) -> tuple[nnx.Module, Steps, Any]:
   """The model (seeded by ``config.seed``; with ``abstract``, only its shapes), its optimizer and
   ``Steps``, exactly as ``train`` builds them (so a restored checkpoint matches); returns (model,
-  steps, weight-decay mask)."""
+  steps, (weight-decay mask, trainable mask))."""
   build = functools.partial(models.build, model_cfg, seed=config.seed)
   model = nnx.eval_shape(build) if abstract else build()
   optim = OptimConfig.from_section(config.optim)
-  tx, decay = make_optimizer(nnx.state(model, nnx.Param), optim, config.train.steps)
-  return model, Steps(model, tx, schedule(optim, config.train.steps)), decay
+  tx, decay, trainable = make_optimizer(nnx.state(model, nnx.Param), optim, config.train.steps,
+                                        config.train.get("trainable", "all"))
+  return model, Steps(model, tx, schedule(optim, config.train.steps)), (decay, trainable)
 
 
 class Sharded(NamedTuple):
@@ -81,6 +82,7 @@ class Sharded(NamedTuple):
   rows: mesh_lib.BatchRows  # the rows of a train/eval batch this process reads
   compiled: Compiled
   decay: Any  # the weight-decay mask
+  trainable: Any  # True for the parameters that train (train.trainable)
 
 
 def build_sharded(config: mlc.ConfigDict, model_cfg: Any, sizes: dict[str, int],
@@ -91,7 +93,7 @@ def build_sharded(config: mlc.ConfigDict, model_cfg: Any, sizes: dict[str, int],
   device computes only its own shards and no host ever holds the whole state (except
   ``init_params``, host arrays of pretrained weights, which every process reads in full)."""
   mesh = mesh_lib.make_mesh(sizes, config.mesh.across_processes)
-  model, steps, decay = build_steps(config, model_cfg, abstract=True)
+  model, steps, (decay, trainable) = build_steps(config, model_cfg, abstract=True)
 
   def init(params: dict[str, Any] | None) -> dict[str, Any]:
     if params is None:
@@ -104,7 +106,7 @@ def build_sharded(config: mlc.ConfigDict, model_cfg: Any, sizes: dict[str, int],
   state = jax.jit(init, out_shardings=state_shardings)(init_params)
   return Sharded(mesh, steps, state, specs, state_shardings, batch_sharding,
                  mesh_lib.BatchRows(batch_sharding, config.train.batch_size),
-                 jit_steps(steps, state_shardings, batch_sharding), decay)
+                 jit_steps(steps, state_shardings, batch_sharding), decay, trainable)
 
 
 def due(step: int, every: int, *, last: int | None = None, first: bool = False) -> bool:
@@ -341,8 +343,15 @@ def evaluate(eval_step: Any, state: dict[str, Any], val_data: Any, num_batches: 
 
 def _describe(workdir: pathlib.Path, run: config_lib.Validated, info: dict[str, Any],
               sharded: Sharded, start: int) -> None:
-  """Startup log: data, model, mesh, the weight-decay mask and the parameter partition specs."""
+  """Startup log: data, model, mesh, the weight-decay and trainable masks, the parameter partition
+  specs, and the count of trainable parameters (``trainable.json``)."""
   flat_decay = {"/".join(map(str, k)): bool(v) for k, v in _flatten(sharded.decay)}
+  sizes = {"/".join(map(str, k)): int(np.prod(v.shape)) for k, v in _flatten(sharded.state["params"])}
+  flat_train = {"/".join(map(str, k)): bool(v) for k, v in _flatten(sharded.trainable)}
+  trained = sum(n for k, n in sizes.items() if flat_train[k])
+  (workdir / "trainable.json").write_text(json.dumps({
+      "trainable": run.trainable, "parameters": trained, "total": sum(sizes.values()),
+      "tensors": flat_train}, indent=1) + "\n")
   flat_specs = {"/".join(map(str, k)): str(v) for k, v in _flatten(
       sharded.specs["params"], is_leaf=lambda x: isinstance(x, PartitionSpec))}
   (workdir / "weight_decay_mask.json").write_text(json.dumps(flat_decay, indent=1) + "\n")
@@ -354,6 +363,8 @@ def _describe(workdir: pathlib.Path, run: config_lib.Validated, info: dict[str, 
         f"placement={m.placement.kind} init={m.init.scheme} dtype={m.dtype}")
   print(f"mesh: {run.mesh}; weight decay on {len(flat_decay) - len(excluded)} tensors, not on "
         f"{len(excluded)} (norm parameters and biases; see weight_decay_mask.json)")
+  print(f"trainable ({run.trainable}): {trained:,} of {sum(sizes.values()):,} parameters in "
+        f"{sum(flat_train.values())} of {len(flat_train)} tensors (see trainable.json)")
   if start:
     print(f"resuming from step {start}")
 

@@ -1,17 +1,23 @@
-"""AdamW with warmup + cosine decay, gradient clipping and an explicit weight-decay mask."""
+"""The optimizer: AdamW, AdamP or Conda (``optim.name``) with warmup + cosine decay, gradient clipping, an
+explicit weight-decay mask, and a trainable mask (``train.trainable``) that freezes the rest."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Mapping
 from typing import Any
 
+import jax
 import optax
 from flax import nnx
 
 from normjax.params import Bias, NormParam, Scalar, map_variables
+from normjax.train import adamp, conda
 from normjax.validation import ConfigError
+
+OPTIMIZERS = ("adamw", "adamp", "conda")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,8 +33,14 @@ class OptimConfig:
   weight_decay: float
   decay_norms_and_biases: bool
   clip_norm: float
+  # added later: a config saved before has none of them and means AdamW
+  name: str = "adamw"  # one of OPTIMIZERS
+  adamp: adamp.AdamPOptions = adamp.AdamPOptions()  # read when name == "adamp"
+  conda: conda.CondaOptions = conda.CondaOptions()  # read when name == "conda"
 
   def __post_init__(self):
+    if self.name not in OPTIMIZERS:
+      raise ConfigError(f"optim.name={self.name!r} is not an optimizer; choose one of {list(OPTIMIZERS)}")
     _in_range("lr", self.lr, low=0.0, low_open=True)
     _in_range("warmup_steps", self.warmup_steps, low=0)
     _in_range("min_lr_ratio", self.min_lr_ratio, low=0.0, high=1.0)
@@ -44,7 +56,19 @@ class OptimConfig:
     unknown = sorted(set(section.keys()) - fields)
     if unknown:
       raise ConfigError(f"optim.{unknown[0]} is not an optimizer field; valid fields: {sorted(fields)}")
-    return cls(**{key: section[key] for key in fields})
+    values = {key: section[key] for key in fields if key in section}
+    values["adamp"] = _record(adamp.AdamPOptions, "optim.adamp", section.get("adamp", {}))
+    values["conda"] = _record(conda.CondaOptions, "optim.conda", section.get("conda", {}))
+    return cls(**values)
+
+
+def _record(cls: type, where: str, section: Mapping[str, Any]) -> Any:
+  """``cls(**section)``; an unknown key is a ConfigError naming the valid ones."""
+  fields = sorted(f.name for f in dataclasses.fields(cls))
+  unknown = sorted(set(section.keys()) - set(fields))
+  if unknown:
+    raise ConfigError(f"{where}.{unknown[0]} is not a field; valid fields: {fields}")
+  return cls(**section)
 
 
 def _in_range(field: str, value: float, *, low: float, high: float = math.inf, low_open: bool = False,
@@ -73,11 +97,57 @@ def decay_mask(params: nnx.State, decay_norms_and_biases: bool) -> dict[str, Any
   return nnx.to_pure_dict(mask)
 
 
-def make_optimizer(params: nnx.State, optim: OptimConfig, steps: int
-                   ) -> tuple[optax.GradientTransformation, dict[str, Any]]:
-  """The optimizer of the plain-dict params of ``params`` and its weight-decay mask."""
+def trainable_mask(params: nnx.State, trainable: str) -> dict[str, Any]:
+  """True for the parameters that train: ``all``; ``norms``: the norms' own parameters (every
+  ``NormParam``: gains, biases, DyT's alpha; the BatchNorm-only and LayerNorm-tuning setups); else
+  a regular expression searched in each parameter's path ``a/b/c``. A plain dict like the params;
+  ConfigError when it selects nothing."""
+  if trainable == "all":
+    mask = map_variables(lambda *_: True, params)
+  elif trainable == "norms":
+    mask = map_variables(lambda _, var: isinstance(var, NormParam), params)
+  else:
+    try:
+      pattern = re.compile(trainable)
+    except re.error as error:
+      raise ConfigError(f"train.trainable={trainable!r} is not all, norms or a regular expression: "
+                        f"{error}") from None
+    mask = map_variables(lambda path, _: bool(pattern.search(_path(path))), params)
+  mask = nnx.to_pure_dict(mask)
+  if not any(jax.tree.leaves(mask)):
+    paths = [_path(path) for path, _ in jax.tree_util.tree_flatten_with_path(mask)[0]]
+    raise ConfigError(f"train.trainable={trainable!r} selects no parameter; choose all, norms or a "
+                      f"regular expression over paths such as {paths[:4]}")
+  return mask
+
+
+def _path(path: tuple[Any, ...]) -> str:
+  return "/".join(str(getattr(key, "key", key)) for key in path)
+
+
+def make_optimizer(params: nnx.State, optim: OptimConfig, steps: int, trainable: str = "all"
+                   ) -> tuple[optax.GradientTransformation, dict[str, Any], dict[str, Any]]:
+  """The optimizer of the plain-dict params of ``params``, its weight-decay mask and its trainable
+  mask. Frozen parameters get a zero gradient before the clip (so they do not count in the global
+  norm) and a zero update after the optimizer (so weight decay leaves them alone too)."""
   mask = decay_mask(params, optim.decay_norms_and_biases)
-  chain = [optax.clip_by_global_norm(optim.clip_norm)] if optim.clip_norm else []
-  chain.append(optax.adamw(schedule(optim, steps), b1=optim.b1, b2=optim.b2, eps=optim.eps,
-                           weight_decay=optim.weight_decay, mask=mask))
-  return optax.chain(*chain), mask
+  train = trainable_mask(params, trainable)
+  frozen = jax.tree.map(lambda t: not t, train)
+  chain = [optax.masked(optax.set_to_zero(), frozen)] if trainable != "all" else []
+  if optim.clip_norm:
+    chain.append(optax.clip_by_global_norm(optim.clip_norm))
+  lr = schedule(optim, steps)
+  if optim.name == "adamp":
+    chain.append(adamp.adamp(lr, views=adamp.views(params), b1=optim.b1, b2=optim.b2, eps=optim.eps,
+                             weight_decay=optim.weight_decay, weight_decay_mask=mask,
+                             **dataclasses.asdict(optim.adamp)))
+  elif optim.name == "conda":
+    chain.append(conda.conda(lr, targets=conda.targets(params), b1=optim.b1, b2=optim.b2, eps=optim.eps,
+                             weight_decay=optim.weight_decay, weight_decay_mask=mask,
+                             **dataclasses.asdict(optim.conda)))
+  else:
+    chain.append(optax.adamw(lr, b1=optim.b1, b2=optim.b2, eps=optim.eps,
+                             weight_decay=optim.weight_decay, mask=mask))
+  if trainable != "all":
+    chain.append(optax.masked(optax.set_to_zero(), frozen))
+  return optax.chain(*chain), mask, train
