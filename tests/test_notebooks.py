@@ -20,6 +20,10 @@ from jupyter_client.manager import KernelManager
 
 NOTEBOOKS = pathlib.Path(__file__).resolve().parents[1] / "notebooks"
 KERNEL = "normjax-pytest"
+# Every test here that starts a kernel runs on one xdist worker (the tiny sweep's group): two
+# kernels starting at once on different workers can race for the same free ZMQ ports, and the
+# loser dies before replying to kernel_info (seen once on the Python 3.12 CI leg).
+ONE_WORKER = pytest.mark.xdist_group("tiny_sweep")
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +67,7 @@ def assert_pngs(paths):
     assert path.stat().st_size > 1000 and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", path
 
 
+@ONE_WORKER
 def test_kernel_runs_this_interpreter(kernel_specs, monkeypatch, tmp_path):
   nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("import sys; print(sys.executable)")])
   km = KernelManager(kernel_name=KERNEL, kernel_spec_manager=kernel_specs)
@@ -99,7 +104,7 @@ def test_bands_are_the_intervals_of_the_seeds():
   assert all(np.array_equal(part, values[0]) for part in single)  # one seed: no band
 
 
-@pytest.mark.xdist_group("tiny_sweep")  # with the sweep\'s builder (conftest)
+@ONE_WORKER  # also with the sweep's builder (conftest)
 def test_variance_growth(seeded_sweep, kernel_specs, monkeypatch):
   nb = execute("variance_growth.ipynb", kernel_specs, monkeypatch, NORMJAX_SWEEP=str(seeded_sweep))
   assert_pngs(seeded_sweep / f"variance_growth_{v}.png"
@@ -107,7 +112,7 @@ def test_variance_growth(seeded_sweep, kernel_specs, monkeypatch):
   assert "llama, depth 2, runs per placement: lns x1, post x2, pre x2" in text_outputs(nb)
 
 
-@pytest.mark.xdist_group("tiny_sweep")  # with the sweep\'s builder (conftest)
+@ONE_WORKER  # also with the sweep's builder (conftest)
 def test_placement_comparison(seeded_sweep, kernel_specs, monkeypatch):
   nb = execute("placement_comparison.ipynb", kernel_specs, monkeypatch, NORMJAX_SWEEP=str(seeded_sweep))
   assert_pngs([seeded_sweep / f"placement_{v}.png" for v in (
@@ -133,6 +138,7 @@ def fake_kernel_results():
   return rows
 
 
+@ONE_WORKER
 def test_kernels_with_results(kernel_specs, monkeypatch, tmp_path):
   results = tmp_path / "kernels_results.json"
   results.write_text(json.dumps(fake_kernel_results()))  # NaN as the json module writes it
@@ -141,6 +147,7 @@ def test_kernels_with_results(kernel_specs, monkeypatch, tmp_path):
   assert "24 rows" in text_outputs(nb)  # the two copy rows are dropped
 
 
+@ONE_WORKER
 def test_kernels_without_results(kernel_specs, monkeypatch, tmp_path):
   absent = tmp_path / "absent.json"
   nb = execute("kernels.ipynb", kernel_specs, monkeypatch, NORMJAX_KERNEL_RESULTS=str(absent))
