@@ -15,6 +15,7 @@ from flax import nnx
 
 from normjax.params import Bias, NormParam, Scalar, map_variables
 from normjax.train import adamp, conda
+from normjax.treeutil import path_names
 from normjax.validation import ConfigError
 
 OPTIMIZERS = ("adamw", "adamp", "conda")
@@ -112,17 +113,13 @@ def trainable_mask(params: nnx.State, trainable: str) -> dict[str, Any]:
     except re.error as error:
       raise ConfigError(f"train.trainable={trainable!r} is not all, norms or a regular expression: "
                         f"{error}") from None
-    mask = map_variables(lambda path, _: bool(pattern.search(_path(path))), params)
+    mask = map_variables(lambda path, _: bool(pattern.search("/".join(path_names(path)))), params)
   mask = nnx.to_pure_dict(mask)
   if not any(jax.tree.leaves(mask)):
-    paths = [_path(path) for path, _ in jax.tree_util.tree_flatten_with_path(mask)[0]]
+    paths = ["/".join(path_names(path)) for path, _ in jax.tree_util.tree_flatten_with_path(mask)[0]]
     raise ConfigError(f"train.trainable={trainable!r} selects no parameter; choose all, norms or a "
                       f"regular expression over paths such as {paths[:4]}")
   return mask
-
-
-def _path(path: tuple[Any, ...]) -> str:
-  return "/".join(str(getattr(key, "key", key)) for key in path)
 
 
 def make_optimizer(params: nnx.State, optim: OptimConfig, steps: int, trainable: str = "all"
