@@ -13,6 +13,8 @@ reparametrizations on the ViT (8x8 digits, Pre-LN):
   vit_layer_norm                the baseline
   vit_prepbn                    PRepBN (arXiv:2405.11582): LayerNorm for a tenth of the run, blended
                                 into RepBN over the next half, eta starting at 0
+  vit_unified_norm              Unified Normalization (arXiv:2208.01313) with the outlier filter (its
+                                vision setting), warmup a tenth of the run, r held for a fifth
   vit_sigma_reparam_ln          sigmaReparam on every dense layer with the LayerNorms kept
   vit_sigma_reparam_no_norm     sigmaReparam with every norm removed (the paper's ViT recipe)
 
@@ -46,6 +48,10 @@ def variants(steps: int) -> dict[str, tuple[str, dict[str, Any]]]:
       "vit_prepbn": ("vit", {"model.norm.kind": "prepbn", "model.norm.options.eta_init": 0.0,
                              "model.norm.options.warmup_steps": max(1, steps // 10),
                              "model.norm.options.decay_steps": max(1, steps // 2)}),
+      "vit_unified_norm": ("vit", {"model.norm.kind": "unified_norm",
+                                   "model.norm.options.outlier_filtration": True,
+                                   "model.norm.options.warmup_steps": max(1, steps // 10),
+                                   "model.norm.options.hold_steps": max(1, steps // 5)}),
       "vit_sigma_reparam_ln": ("vit", {"model.reparam": "sigma"}),
       "vit_sigma_reparam_no_norm": ("vit", {"model.reparam": "sigma", "model.placement.kind": "none",
                                             "model.placement.final_norm": False}),

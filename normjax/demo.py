@@ -85,7 +85,7 @@ def train_one(kind: str, steps: int, batch_size: int, lr: float, seed: int = 0) 
     loss, grads = nnx.value_and_grad(loss_fn, argnums=wrt)(model)
     optimizer.update(model, nnx.filter_state(grads, nnx.Param))
     norm_state = nnx.state(model, NormState)
-    nnx.update(model, norms.power_norm_update_nu(norm_state, nnx.filter_state(grads, NormState)))
+    nnx.update(model, norms.update_backward_state(norm_state, nnx.filter_state(grads, NormState)))
     return loss
 
   start = time.perf_counter()

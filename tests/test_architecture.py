@@ -65,7 +65,7 @@ def test_a_setting_given_twice_is_an_error_naming_both(option, home):
 
 def test_mixes_positions_is_declared_by_the_registry():
   mixing = {name for name in norms.names() if norms.get(name).mixes_positions}
-  assert mixing == {"batch_norm", "batch_channel_norm", "power_norm", "evonorm_b0", "prepbn"}
+  assert mixing == {"batch_norm", "batch_channel_norm", "power_norm", "evonorm_b0", "prepbn", "unified_norm"}
   for name in mixing:  # and that is what keeps them out of the causal decoder
     with pytest.raises(ConfigError, match="leaks future tokens"):
       ModelConfig(norm=NormConfig(name))

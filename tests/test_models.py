@@ -94,7 +94,8 @@ def test_scanned_and_unrolled_gradients_and_stats_leave_logits_unchanged(name):
   np.testing.assert_array_equal(plain, with_stats)
 
 
-@pytest.mark.parametrize("norm", ["batch_norm", "power_norm", "evonorm_b0", "batch_channel_norm"])
+@pytest.mark.parametrize("norm", ["batch_norm", "power_norm", "evonorm_b0", "batch_channel_norm",
+                                  "unified_norm"])
 def test_batch_statistic_norms_in_vit_update_state_scanned_and_unrolled(norm):
   options = {"num_groups": 4} if norm == "batch_channel_norm" else {}
   cfg = small("vit", "pre", NormConfig(norm, options))

@@ -133,7 +133,7 @@ def test_power_norm_custom_vjp_matches_formula(backward, masked):
     np.testing.assert_allclose(dbias, rdbias, rtol=1e-10)
   np.testing.assert_allclose(dstate["nu"], rdnu, rtol=1e-10, atol=1e-14)
   np.testing.assert_array_equal(dstate["psi"], 0.0)
-  new_state = norms.power_norm_update_nu({"layer": state}, {"layer": dstate})
+  new_state = norms.update_backward_state({"layer": state}, {"layer": dstate})
   np.testing.assert_allclose(new_state["layer"]["nu"], np.asarray(state["nu"]) + rdnu, rtol=1e-10)
   np.testing.assert_array_equal(new_state["layer"]["psi"], state["psi"])
 

@@ -18,9 +18,9 @@ from normjax.nn import nnx as nj_nnx
 
 ISSUE_NORMS = {"layer_norm", "rms_norm", "crms_norm", "l2_norm", "dyt", "group_norm", "batch_norm",
                "batch_channel_norm", "power_norm", "evonorm_b0", "evonorm_s0", "weight_standardize",
-               "sigma_reparam", "fixed_norm", "identity", "prepbn"}
+               "sigma_reparam", "fixed_norm", "identity", "prepbn", "unified_norm"}
 STATEFUL = {"batch_norm", "batch_channel_norm", "power_norm", "evonorm_b0", "sigma_reparam",
-            "fixed_norm", "prepbn"}
+            "fixed_norm", "prepbn", "unified_norm"}
 
 
 def example(spec):
@@ -52,7 +52,7 @@ def test_spec_contract(name):
   y, new_state = jax.jit(lambda x, p, s: spec.apply(x, p, s, train=True, **options(spec)))(x, params, state)
   assert y.shape == x.shape and y.dtype == x.dtype
   assert jax.tree.structure(new_state) == jax.tree.structure(state)
-  if name in {"batch_norm", "batch_channel_norm", "evonorm_b0", "power_norm", "prepbn"}:
+  if name in {"batch_norm", "batch_channel_norm", "evonorm_b0", "power_norm", "prepbn", "unified_norm"}:
     assert not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(new_state)))
 
 

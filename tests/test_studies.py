@@ -117,7 +117,7 @@ def test_methods_study_grid_and_a_ci_run(tmp_path, shared):
   conda = next(r for r in grid if r.name == "llama_conda").overrides
   assert (conda["optim.name"], conda["optim.conda.update_proj_gap"]) == ("conda", 30)
   results = sweep.run_all(methods_study.runs("ci"), tmp_path, shared)
-  assert len(results) == 8 and not any(r["diverged"] for r in results)
+  assert len(results) == 9 and not any(r["diverged"] for r in results)
   assert all(np.isfinite(r["train_loss"]) for r in results)
   trainable = json.loads((tmp_path / "llama_norms_only" / "trainable.json").read_text())
   assert trainable["parameters"] < trainable["total"] / 50

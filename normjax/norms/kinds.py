@@ -7,12 +7,13 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from normjax.norms import batch, power, prepbn, standard, weight
+from normjax.norms import batch, power, prepbn, standard, unified, weight
 from normjax.norms._util import canonical_axes, param_shape
 from normjax.norms.registry import (BatchChannelOptions, BatchOptions, DyTOptions, EvoB0Options,
                                     FixedOptions, GroupOptions, L2Options, LayerNormOptions,
                                     NoOptions, NormSpec, Params, PowerOptions, PRepBNOptions,
-                                    SigmaOptions, TokenOptions, WSOptions, register)
+                                    SigmaOptions, TokenOptions, UnifiedOptions, WSOptions,
+                                    register)
 
 
 def _features(x: Any, axis: Any) -> tuple[int, ...]:
@@ -133,7 +134,23 @@ register(NormSpec(
     summary="PowerNorm: running quadratic mean, approximate backward", options_type=PowerOptions,
     apply_fn=_power_apply, init_params_fn=lambda key, x, o: _affine((x.shape[-1],), o),
     init_state_fn=lambda x, o: power.power_norm_init_state(x.shape[-1]), call_options=("mask",),
-    mixes_positions=True))
+    mixes_positions=True, backward_state=("nu",)))
+
+
+def _unified_apply(x, p, s, o, train, mask=None):
+  return unified.unified_norm(x, p.get("scale"), p.get("bias"), s, train=train,
+                              warmup_steps=o.warmup_steps, outlier_filtration=o.outlier_filtration,
+                              hold_steps=o.hold_steps, ratio_clip=o.ratio_clip, momentum=o.momentum,
+                              eps=o.eps, mask=mask)
+
+
+register(NormSpec(
+    name="unified_norm", fn=unified.unified_norm,
+    summary="Unified Normalization: windowed geometric-mean statistics, compensated backward",
+    options_type=UnifiedOptions, apply_fn=_unified_apply,
+    init_params_fn=lambda key, x, o: _affine((x.shape[-1],), o),
+    init_state_fn=lambda x, o: unified.unified_norm_init_state(x.shape[-1], o.window, o.grad_window),
+    call_options=("mask",), mixes_positions=True, backward_state=("ema_gz", "buffer_gz")))
 
 
 def _prepbn_init(key, x, o):

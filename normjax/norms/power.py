@@ -17,7 +17,7 @@ itself has none, so the default is 0). The public code also pre-scales every tok
 
 The backward pass updates nu, so nu is an input whose cotangent carries the increment
 nu_t - nu_{t-1}. Differentiate the loss with respect to the norm state too and apply
-``power_norm_update_nu(state, state_grads)`` after the step. Eval uses psi only, with plain autodiff.
+``norms.update_backward_state(state, state_grads)`` after the step. Eval uses psi only, with plain autodiff.
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ from jax import lax
 
 from normjax.norms._util import Array, affine, expand_param, masked_mean, stat_dtype
 from normjax.norms.batch import _feature_mask
-from normjax.treeutil import path_names
 from normjax.validation import check_choice
 
 BACKWARDS = ("paper", "code")
@@ -98,7 +97,7 @@ def power_norm(x: Array, scale: Array | None, bias: Array | None, state: dict[st
     mask: optional boolean ``x.shape[:-1]``; False marks padding left out of every statistic.
   Returns:
     ``(y, new_state)``: y in x's dtype; new_state has psi and step advanced (nu advances through
-    the backward pass, see ``power_norm_update_nu``).
+    the backward pass, see ``norms.update_backward_state``).
   """
   check_choice(backward, "backward", BACKWARDS)
   ax = x.ndim - 1
@@ -129,16 +128,4 @@ def power_norm(x: Array, scale: Array | None, bias: Array | None, state: dict[st
   return y.astype(x.dtype), new_state
 
 
-def power_norm_update_nu(state: Any, state_grads: Any) -> Any:
-  """Adds the backward-pass increments of every ``nu`` leaf in a (nested) state tree.
-
-  ``state_grads`` is the gradient of the loss with respect to ``state`` (same structure); only
-  leaves whose key is ``nu`` change, so a whole model's norm state can be passed at once.
-  """
-  def update(path, value, grad):
-    names = path_names(path)
-    return value + grad.astype(value.dtype) if names and names[-1] == "nu" else value
-  return jax.tree_util.tree_map_with_path(update, state, state_grads)
-
-
-__all__ = ["power_norm", "power_norm_init_state", "power_norm_update_nu"]
+__all__ = ["power_norm", "power_norm_init_state"]

@@ -28,6 +28,7 @@ from normjax.norms._util import CASTINGS, Array, Axis
 from normjax.norms.power import BACKWARDS
 from normjax.norms.prepbn import LN_KINDS
 from normjax.norms.weight import WS_VARIANTS
+from normjax.treeutil import path_names
 from normjax.validation import ConfigError, check_choice, closest
 
 Params = dict[str, Array]
@@ -193,6 +194,32 @@ class PRepBNOptions(Options):
 
 
 @dataclasses.dataclass(frozen=True)
+class UnifiedOptions(Options):
+  """Unified Normalization (arXiv:2208.01313) with the paper's defaults: windows of 4 steps for the
+  forward (``window``) and backward (``grad_window``) statistics, 4000 warmup steps; the outlier
+  filter is the authors' choice for vision (on) and language (off, the default)."""
+  window: int = 4
+  grad_window: int = 4
+  warmup_steps: int = 4000
+  outlier_filtration: bool = False
+  hold_steps: int = 1000  # the gradient compensation's r is 1 this long (the authors' code)
+  ratio_clip: float = 5.0  # then r is clipped to [1/ratio_clip, ratio_clip] (the authors' code)
+  momentum: float = 0.9
+  eps: float = 1e-5
+  use_scale: bool = True
+  use_bias: bool = True
+  param_dtype: Any = jnp.float32
+
+  def __post_init__(self):
+    for name, low in (("window", 1), ("grad_window", 1), ("warmup_steps", 0), ("hold_steps", 0)):
+      value = getattr(self, name)
+      if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise ConfigError(f"unified_norm option {name}={value!r} must be an integer >= {low}")
+    if not self.ratio_clip >= 1.0:
+      raise ConfigError(f"unified_norm option ratio_clip={self.ratio_clip!r} must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
 class EvoB0Options(Options):
   momentum: float = 0.9
   eps: float = 1e-5
@@ -229,6 +256,8 @@ class NormSpec:
   call_options: tuple[str, ...] = ()
   acts_on: str = "activations"  # or "weights": the input is a kernel in Flax [..., out] layout
   mixes_positions: bool = False  # statistics across positions of a sequence (leaks the future)
+  # state the BACKWARD pass advances: its cotangent is the increment (``update_backward_state``)
+  backward_state: tuple[str, ...] = ()
 
   @property
   def stateful(self) -> bool:
@@ -273,6 +302,19 @@ class NormSpec:
     return self.apply_fn(x, params, state or {}, resolved, train, **call)
 
 
+def update_backward_state(state: Any, state_grads: Any) -> Any:
+  """Adds the backward-pass increments to a (nested) norm-state tree: PowerNorm's ``nu``, UN's
+  ``ema_gz`` and ``buffer_gz`` (every kind's ``backward_state``). ``state_grads`` is the loss's
+  gradient with respect to ``state`` (same structure); other leaves are returned unchanged, so a
+  whole model's norm state can be passed at once."""
+  keys = {key for spec in _REGISTRY.values() for key in spec.backward_state}
+
+  def update(path, value, grad):
+    names = path_names(path)
+    return value + grad.astype(value.dtype) if names and names[-1] in keys else value
+  return jax.tree_util.tree_map_with_path(update, state, state_grads)
+
+
 def logical_axes(value: Array) -> tuple[str | None, ...]:
   """Logical axis names of a norm parameter or state: per-feature vectors are ``("norm",)``."""
   return ("norm",) if value.ndim == 1 else (None,) * value.ndim
@@ -283,6 +325,7 @@ _ALIASES = {
     "ln": "layer_norm", "layernorm": "layer_norm", "rms": "rms_norm", "rmsnorm": "rms_norm",
     "crms": "crms_norm", "crmsnorm": "crms_norm", "l2": "l2_norm", "gn": "group_norm",
     "bn": "batch_norm", "bcn": "batch_channel_norm", "pn": "power_norm", "powernorm": "power_norm",
+    "un": "unified_norm",
     "ws": "weight_standardize", "sigma": "sigma_reparam", "fixed": "fixed_norm", "none": "identity",
 }
 

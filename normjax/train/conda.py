@@ -13,10 +13,10 @@ For a block matrix ``W`` ``[a, b]`` with momentum ``m`` and gradient ``g``::
 
 as the paper describes it and the authors' code (``conda_torch``) runs it: the basis is refreshed
 from the updated momentum at steps 0, T, 2T, ..., ``scale`` (0.25 in the paper's runs) multiplies
-the projected-back update, and the weight decay is applied after the step. Conda is used for the attention and MLP
-matrices, as the paper's training scripts select them; everything else (embeddings, head, biases,
-norm parameters) takes the same Adam without projection or ``scale``, like the code's other
-group. In normjax those matrices are the ``Kernel`` parameters of the stacked blocks
+the projected-back update, and the weight decay is applied after the step. Conda is used for the
+attention and MLP matrices, as the paper's training scripts select them; everything else
+(embeddings, head, biases, norm parameters) takes the same Adam without projection or ``scale``,
+like the code's other group. In normjax those matrices are the ``Kernel`` parameters of the stacked blocks
 (``targets``); each of the L stacked layers has its own basis.
 """
 

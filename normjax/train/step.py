@@ -91,8 +91,8 @@ class Steps:
 
     (loss, (new_rest, depth_stats, extra)), (grads, rest_grads) = jax.value_and_grad(
         loss_fn, argnums=(0, 1), has_aux=True)(state["params"], state["norm_state"])
-    # PowerNorm's backward pass advances its nu state through the state cotangent
-    new_rest = norms.power_norm_update_nu(new_rest, rest_grads)
+    # PowerNorm's and UN's backward passes advance part of their state through its cotangent
+    new_rest = norms.update_backward_state(new_rest, rest_grads)
     updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     # the loop stops on a non-finite loss, gradient norm or updated parameter (the state a
