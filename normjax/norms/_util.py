@@ -126,6 +126,16 @@ def affine(y: Array, x: Array, axes: Sequence[int], scale: Array | None, bias: A
   return y.astype(output_dtype(casting, x.dtype, scale, bias))
 
 
+def affine_operands(scale: Array | None, bias: Array | None, x_shape: Sequence[int], ax: int,
+                    dtype: Any) -> tuple[Array, Array]:
+  """``scale`` and ``bias`` in ``dtype``, shaped to broadcast against x along feature axis ``ax``,
+  ones / zeros when absent: the explicit operands a custom VJP differentiates (PowerNorm, UN)."""
+  c = x_shape[ax]
+  scale = jnp.ones(c, dtype) if scale is None else scale.astype(dtype)
+  bias = jnp.zeros(c, dtype) if bias is None else bias.astype(dtype)
+  return (expand_param(scale, x_shape, (ax,), "scale"), expand_param(bias, x_shape, (ax,), "bias"))
+
+
 def masked_mean(v: Array, mask: Array | None, axes: Sequence[int],
                 axis_name: str | None = None) -> Array:
   """Mean of v over ``axes`` counting only positions where ``mask`` (broadcastable to v) is true.

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from normjax.norms._util import Array, affine, expand_param, masked_mean, stat_dtype
+from normjax.norms._util import Array, affine, affine_operands, expand_param, masked_mean, stat_dtype
 from normjax.norms.batch import _feature_mask
 from normjax.validation import check_choice
 
@@ -105,10 +105,7 @@ def power_norm(x: Array, scale: Array | None, bias: Array | None, state: dict[st
   if group_scaling:
     xf = _group_scale(xf, group_scaling, eps)
   psi = lax.stop_gradient(expand_param(state["psi"], x.shape, (ax,), "psi").astype(xf.dtype))
-  scale_f = (jnp.ones(x.shape[ax], xf.dtype) if scale is None else scale).astype(xf.dtype)
-  bias_f = (jnp.zeros(x.shape[ax], xf.dtype) if bias is None else bias).astype(xf.dtype)
-  scale_f = expand_param(scale_f, x.shape, (ax,), "scale")
-  bias_f = expand_param(bias_f, x.shape, (ax,), "bias")
+  scale_f, bias_f = affine_operands(scale, bias, x.shape, ax, xf.dtype)
   if not train:
     y = affine(xf * lax.rsqrt(psi + eps), x, (ax,), scale, bias)
     return y, state

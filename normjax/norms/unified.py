@@ -40,8 +40,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from normjax.norms._util import Array, affine, expand_param, masked_mean, stat_dtype
+from normjax.norms._util import Array, affine, affine_operands, expand_param, masked_mean, stat_dtype
 from normjax.norms.batch import _feature_mask
+
 
 def unified_norm_init_state(features: int, window: int = 4, grad_window: int = 4,
                             dtype: Any = jnp.float32) -> dict[str, Array]:
@@ -141,10 +142,7 @@ def unified_norm(x: Array, scale: Array | None, bias: Array | None, state: dict[
   r = jnp.where(held, 1.0, jnp.clip(r, 1.0 / ratio_clip, ratio_clip))
   grad_window = state["buffer_gz"].shape[0]
   use_window = ~((step <= grad_window) | (step < warmup_steps) | skip)
-  c = x.shape[ax]
-  ones, zeros = jnp.ones(c, xf.dtype), jnp.zeros(c, xf.dtype)
-  scale_f = expand_param((ones if scale is None else scale).astype(xf.dtype), x.shape, (ax,), "scale")
-  bias_f = expand_param((zeros if bias is None else bias).astype(xf.dtype), x.shape, (ax,), "bias")
+  scale_f, bias_f = affine_operands(scale, bias, x.shape, ax, xf.dtype)
   ema = expand_param(state["ema_gz"].astype(xf.dtype), x.shape, (ax,), "ema_gz")
   y = _un_train(xf, scale_f, bias_f, ema, state["buffer_gz"].astype(xf.dtype),
                 expand_param(lax.rsqrt(s + eps), x.shape, (ax,), "s"),
